@@ -1,0 +1,182 @@
+"""Checkpoint files: what a training checkpoint holds, how it is written, checked and read.
+
+One checkpoint is one directory (Ray Train uploads it to `{storage}/{run_name}/step_{step:06d}/`):
+
+    model.pt             rank 0: the model state dict (the reference's keys and dtypes, no `_orig_mod.`)
+    meta.json            rank 0: step, configs, loop state, metrics history, world layout (spec §9 + more)
+    optim_rank{r}.pt     every rank: its optimizer shard (valid only for the same world size, spec §3.4)
+    data_rank{r}.json    every rank: the exact state of its data slots (raychat.data.stream)
+    done_rank{r}.json    every rank, written last: the byte size of each file that rank wrote
+
+A checkpoint counts as complete only when meta.json and every rank's done file exist and every listed file
+has its recorded size, so a checkpoint cut short by a crash or a partial upload is detected and skipped.
+Everything is read with `torch.load(weights_only=True)`: loading a checkpoint never executes code.
+
+nanochat's own layout (`model_{step:06d}.pt`, `meta_{step:06d}.json`, `optim_{step:06d}_rank{r}.pt`) is
+written by `export_nanochat` and read by `load_nanochat_model`.
+"""
+import glob
+import json
+import math
+import os
+import re
+
+import torch
+
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _write_json(path: str, obj) -> None:
+    # +inf (min_val_bpb before any eval) is valid Python JSON ("Infinity"), as in the reference's meta files.
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def save_rank_files(directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
+                    meta: dict | None = None) -> None:
+    """Write this rank's part of a checkpoint into a local directory; the done file goes last."""
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    if model_state is not None:
+        torch.save(model_state, os.path.join(directory, MODEL_FILE))
+        written.append(MODEL_FILE)
+    if meta is not None:
+        _write_json(os.path.join(directory, META_FILE), meta)
+        written.append(META_FILE)
+    torch.save(optim_state, os.path.join(directory, f"optim_rank{rank}.pt"))
+    _write_json(os.path.join(directory, f"data_rank{rank}.json"), data_state)
+    written += [f"optim_rank{rank}.pt", f"data_rank{rank}.json"]
+    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in written}
+    _write_json(os.path.join(directory, f"done_rank{rank}.json"), {"files": sizes})
+
+
+def read_meta(directory: str) -> dict:
+    with open(os.path.join(directory, META_FILE)) as f:
+        return json.load(f)
+
+
+def check_complete(directory: str) -> str | None:
+    """None when the checkpoint is complete, else a sentence saying what is missing or truncated."""
+    meta_path = os.path.join(directory, META_FILE)
+    if not os.path.exists(meta_path):
+        return f"{meta_path} is missing"
+    try:
+        meta = read_meta(directory)
+    except (OSError, ValueError) as e:
+        return f"{meta_path} is unreadable ({e})"
+    for rank in range(meta.get("world_size", 1)):
+        done_path = os.path.join(directory, f"done_rank{rank}.json")
+        try:
+            with open(done_path) as f:
+                sizes = json.load(f)["files"]
+        except (OSError, ValueError, KeyError):
+            return f"{done_path} is missing or unreadable: rank {rank} never finished writing"
+        for name, size in sizes.items():
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                return f"{path} is missing"
+            if os.path.getsize(path) != size:
+                return f"{path} has {os.path.getsize(path)} bytes, {size} were written: truncated"
+    return None
+
+
+def list_step_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every step_XXXXXX directory of a local run directory, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "step_*")):
+        m = STEP_DIR.match(os.path.basename(path))
+        if m and os.path.isdir(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def load_rank_files(directory: str, rank: int, device) -> tuple[dict, dict, dict, object]:
+    """(model_state, optim_state, meta, data_state) for this rank. Raises with the reason if incomplete."""
+    problem = check_complete(directory)
+    if problem is not None:
+        raise RuntimeError(f"checkpoint {directory} is incomplete: {problem}")
+    meta = read_meta(directory)
+    model_state = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
+    optim_state = torch.load(os.path.join(directory, f"optim_rank{rank}.pt"), map_location=device, weights_only=True)
+    with open(os.path.join(directory, f"data_rank{rank}.json")) as f:
+        data_state = json.load(f)
+    return model_state, optim_state, meta, data_state
+
+
+def check_compatible(meta: dict, model_config: dict, world_size: int, grad_accum_steps: int, where: str) -> None:
+    """Refuse, loudly, a checkpoint this run cannot continue exactly (spec §3.4: shards don't reshard)."""
+    saved = meta.get("model_config", {})
+    diffs = {k: (saved.get(k), v) for k, v in model_config.items() if saved.get(k) != v}
+    if diffs:
+        desc = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(f"checkpoint {where} is from another model ({desc}); use the same model flags or a "
+                         "new --run-name")
+    if meta.get("world_size") != world_size:
+        raise ValueError(f"checkpoint {where} was written by {meta.get('world_size')} workers but this run has "
+                         f"{world_size}: optimizer shards are per rank; rerun with --num-workers "
+                         f"{meta.get('world_size')}")
+    if meta.get("grad_accum_steps") != grad_accum_steps:
+        raise ValueError(f"checkpoint {where} used {meta.get('grad_accum_steps')} gradient-accumulation steps, "
+                         f"this run {grad_accum_steps}: the data slots differ; keep --total-batch-size and "
+                         "--device-batch-size as they were")
+
+
+# ----------------------------------------------------------------------------------------------------
+# nanochat's layout (spec §9), for interchange in both directions
+
+
+def export_nanochat(out_dir: str, step: int, model_state: dict, meta: dict) -> list[str]:
+    """Write a model in the reference's layout so nanochat's own tools can load it."""
+    os.makedirs(out_dir, exist_ok=True)
+    model_path = os.path.join(out_dir, f"model_{step:06d}.pt")
+    meta_path = os.path.join(out_dir, f"meta_{step:06d}.json")
+    torch.save(model_state, model_path)
+    nanochat_meta = {
+        "step": step,
+        "val_bpb": meta.get("val_bpb"),
+        "model_config": meta["model_config"],
+        "user_config": meta.get("user_config", {}),
+        "device_batch_size": meta.get("device_batch_size"),
+        "max_seq_len": meta.get("max_seq_len"),
+        "dataloader_state_dict": None,  # raychat's exact data state has no nanochat equivalent
+        "loop_state": meta.get("loop_state", {}),
+    }
+    _write_json(meta_path, nanochat_meta)
+    return [model_path, meta_path]
+
+
+def find_nanochat_step(directory: str) -> int:
+    steps = [int(m.group(1)) for p in glob.glob(os.path.join(directory, "model_*.pt"))
+             if (m := re.match(r"model_(\d+)\.pt$", os.path.basename(p)))]
+    if not steps:
+        raise FileNotFoundError(f"no nanochat checkpoint (model_XXXXXX.pt) in {directory}")
+    return max(steps)
+
+
+def load_nanochat_model(directory: str, step: int | None = None, device="cpu") -> tuple[dict, dict]:
+    """(model_state, meta) of a nanochat base checkpoint, converted as the reference's build_model does:
+    `_orig_mod.` prefixes stripped, bf16 tensors upcast off CUDA, missing lambdas patched."""
+    step = find_nanochat_step(directory) if step is None else step
+    model_path = os.path.join(directory, f"model_{step:06d}.pt")
+    meta_path = os.path.join(directory, f"meta_{step:06d}.json")
+    for path in (model_path, meta_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"nanochat checkpoint file {path} is missing")
+    state = torch.load(model_path, map_location=device, weights_only=True)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    if torch.device(device).type != "cuda":
+        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+    n_layer = meta["model_config"]["n_layer"]
+    ref = state["transformer.wte.weight"]
+    state.setdefault("resid_lambdas", torch.ones(n_layer, device=ref.device))
+    state.setdefault("x0_lambdas", torch.zeros(n_layer, device=ref.device))
+    meta["model_config"].setdefault("window_pattern", "L")
+    return state, meta

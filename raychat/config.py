@@ -1,0 +1,310 @@
+"""One configuration object for training, evaluation and sweeps, built from the command line.
+
+`TrainConfig` holds every flag of nanochat's base_train with the same name, default and meaning (spec §1),
+plus the Ray flags. `derive()` computes the derived quantities of spec §1.1 once, in the reference's order,
+and returns them with the lines the reference prints. Both the driver (to fail before the cluster does any
+work) and every worker (to build the same model) call it.
+"""
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+# The batch size (tokens) at which the reference tuned its learning rates (spec §1.1 item 8).
+REFERENCE_BATCH = 2**19
+
+
+@dataclass
+class TrainConfig:
+    # --- nanochat base_train flags (spec §1), same names, defaults and meaning ---
+    run: str = "dummy"  # wandb run name; 'dummy' disables wandb
+    device_type: str = ""  # cuda|cpu|mps; empty = autodetect
+    depth: int = 20
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    max_seq_len: int = 2048
+    window_pattern: str = "SSSL"
+    num_iterations: int = -1
+    target_flops: float = -1.0
+    target_param_data_ratio: float = 10.5
+    device_batch_size: int = 32
+    total_batch_size: int = 524288
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.2
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.5
+    final_lr_frac: float = 0.0
+    resume_from_step: int = -1
+    eval_every: int = 250
+    eval_tokens: int = 20 * 524288
+    core_metric_every: int = 2000
+    core_metric_max_per_task: int = 500
+    sample_every: int = 2000
+    save_every: int = -1
+    model_tag: str | None = None
+    # --- Ray ---
+    num_workers: int = 1
+    use_gpu: str = "auto"  # auto|true|false
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None  # default <base>/runs; s3:// and gs:// work
+    run_name: str | None = None  # a run's identity: the same name resumes it
+    max_failures: int = 3
+    keep_checkpoints: int | None = None  # None keeps all
+    # --- where things live ---
+    base_dir: str | None = None  # default $RAYCHAT_BASE_DIR or ~/.cache/raychat
+    data_dir: str | None = None  # default <base>/base_data; s3://, gs:// and mounted paths work
+    tokenizer_dir: str | None = None  # default <base>/tokenizer
+    # --- data stream ---
+    data_backend: str = "ray"  # ray (Ray Data actor pool) | inline (in the worker process)
+    data_actors: int = 1  # tokenizer actors per data slot
+    # --- extras beyond the reference ---
+    init_from_nanochat: str | None = None  # a nanochat base checkpoint directory to start from
+    nan_policy: str = "stop"  # stop|skip: what a non-finite loss does
+    profile: bool = False  # write a torch profiler trace of a few steps
+    dry_run: bool = False  # validate, print the plan, exit before any work
+    debug_fail_at_step: int = -1  # fault injection for tests: rank 0 exits hard once at this step
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Reject impossible values with a message naming the flag, the rule and the fix."""
+        def need(cond, flag, msg):
+            if not cond:
+                raise ValueError(f"--{flag.replace('_', '-')}={getattr(self, flag)!r}: {msg}")
+
+        for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size"):
+            need(getattr(self, name) > 0, name, "must be a positive integer")
+        need(self.window_pattern != "" and set(self.window_pattern.upper()) <= {"S", "L"}, "window_pattern",
+             "may contain only the letters S (half-context window) and L (full context)")
+        need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
+             "num_iterations", "no training horizon: set --num-iterations, --target-flops or "
+             "--target-param-data-ratio to a positive value")
+        for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "must lie in [0, 1]")
+        need(self.warmup_ratio + self.warmdown_ratio <= 1.0, "warmdown_ratio",
+             f"warmup ({self.warmup_ratio}) + warmdown must not exceed 1")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay"):
+            need(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), name, "must be a finite number >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            need(0.0 <= getattr(self, name) < 1.0, name, "must lie in [0, 1)")
+        need(self.eval_every <= 0 or self.eval_tokens > 0, "eval_tokens", "must be positive when --eval-every > 0")
+        need(self.num_workers >= 1, "num_workers", "must be at least 1 (one Ray Train worker per GPU or CPU slot)")
+        need(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        need(self.use_gpu in ("auto", "true", "false"), "use_gpu", "must be auto, true or false")
+        need(self.device_type in ("", "cuda", "cpu", "mps"), "device_type", "must be cuda, cpu, mps or empty (auto)")
+        need(self.max_failures >= -1, "max_failures", "must be -1 (retry forever) or >= 0")
+        need(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(self.data_backend in ("ray", "inline"), "data_backend", "must be ray or inline")
+        need(self.data_actors >= 1, "data_actors", "must be >= 1")
+        need(self.nan_policy in ("stop", "skip"), "nan_policy", "must be stop or skip")
+        need(self.run_name is None or (self.run_name and "/" not in self.run_name), "run_name",
+             "must be a non-empty name without '/'")
+
+    def resolve_paths(self) -> "TrainConfig":
+        """Absolute paths and URIs resolved on the driver: Ray workers chdir into their run directory."""
+        from raychat.common import get_base_dir
+
+        base = get_base_dir(self.base_dir)
+        absolute = lambda p: p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))  # noqa: E731
+        return dataclasses.replace(
+            self,
+            base_dir=base,
+            data_dir=absolute(self.data_dir) or os.path.join(base, "base_data"),
+            tokenizer_dir=absolute(self.tokenizer_dir) or os.path.join(base, "tokenizer"),
+            storage_path=absolute(self.storage_path) or os.path.join(base, "runs"),
+            init_from_nanochat=absolute(self.init_from_nanochat),
+        )
+
+    @property
+    def tag(self) -> str:
+        return self.model_tag or f"d{self.depth}"
+
+    def user_config(self) -> dict:
+        """The flags as a plain dict (the reference's user_config): logged to wandb, meta.json, the report."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; valid names are the flags of "
+                             "`python -m raychat.train --help` with underscores")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+_HELP = {
+    "run": "wandb run name ('dummy' disables wandb logging)",
+    "device_type": "cuda|cpu|mps (empty = autodetect)",
+    "depth": "depth of the Transformer model",
+    "aspect_ratio": "model_dim = depth * aspect_ratio",
+    "head_dim": "target head dimension for attention",
+    "max_seq_len": "max context length",
+    "window_pattern": "sliding window pattern tiled across layers: L=full, S=half context (e.g. 'SSL')",
+    "num_iterations": "explicit number of optimization steps (-1 = disable)",
+    "target_flops": "calculate num_iterations to reach target_flops (-1 = disable)",
+    "target_param_data_ratio": "calculate num_iterations to maintain data:param ratio (-1 = disable)",
+    "device_batch_size": "per-device batch size (rows)",
+    "total_batch_size": "total batch size in tokens",
+    "embedding_lr": "learning rate for embedding parameters (Adam)",
+    "unembedding_lr": "learning rate for unembedding parameters (Adam)",
+    "weight_decay": "cautious weight decay for the Muon optimizer (for weights), quoted at depth 12",
+    "matrix_lr": "learning rate for matrix parameters (Muon)",
+    "scalar_lr": "learning rate for scalars (resid_lambdas, x0_lambdas)",
+    "adam_beta1": "Adam beta1 for embedding/unembedding",
+    "adam_beta2": "Adam beta2 for embedding/unembedding",
+    "warmup_ratio": "ratio of iterations for LR warmup",
+    "warmdown_ratio": "ratio of iterations for LR warmdown",
+    "final_lr_frac": "final LR as fraction of initial LR",
+    "resume_from_step": "resume training from this checkpoint step (-1 = latest checkpoint of --run-name)",
+    "eval_every": "evaluate val bpb every N steps (-1 = disable)",
+    "eval_tokens": "number of tokens to evaluate val loss on",
+    "core_metric_every": "evaluate CORE metric every N steps (-1 = disable)",
+    "core_metric_max_per_task": "examples per task for CORE metric (-1 = all)",
+    "sample_every": "sample from model every N steps (-1 = disable)",
+    "save_every": "save checkpoints every N steps (-1 = only at end)",
+    "model_tag": "override model tag for checkpoint directory name (default d<depth>)",
+    "num_workers": "Ray Train workers (one per GPU, or CPU processes)",
+    "use_gpu": "auto|true|false: train on GPUs (auto = when the cluster has any)",
+    "cpus_per_worker": "CPUs reserved for each training worker",
+    "storage_path": "where checkpoints and reports go: a local dir, s3://, gs:// (default <base>/runs)",
+    "run_name": "the run's identity: rerunning with the same name resumes it (default <tag>-<timestamp>)",
+    "max_failures": "worker/node failures to recover from automatically (-1 = unlimited)",
+    "keep_checkpoints": "keep only the newest N checkpoints (default: all)",
+    "base_dir": "base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)",
+    "data_dir": "shard directory (default <base>/base_data; s3://, gs:// work)",
+    "tokenizer_dir": "tokenizer directory (default <base>/tokenizer)",
+    "data_backend": "ray: tokenize in a Ray Data actor pool; inline: in the training worker",
+    "data_actors": "Ray Data tokenizer actors per data slot",
+    "init_from_nanochat": "initialise the model from a nanochat base checkpoint directory",
+    "nan_policy": "stop|skip: on a non-finite loss, stop naming the step, or skip that update",
+    "profile": "write a PyTorch profiler trace of a few steps into the run directory",
+    "dry_run": "validate flags and data, print the plan, and exit without training",
+    "debug_fail_at_step": "testing only: rank 0 exits hard (os._exit) once at the start of this step",
+}
+
+
+def _parse_optional_int(s: str):
+    return None if s.lower() in ("none", "") else int(s)
+
+
+def build_parser(description: str = "Pretrain a raychat (nanochat) base model on Ray Train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    kinds = {int: int, float: float, str: str, str | None: str, int | None: _parse_optional_int}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=_HELP[f.name])
+        else:
+            parser.add_argument(flag, type=kinds[f.type], default=f.default,
+                                help=f"{_HELP[f.name]} (default: {f.default})")
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Derived quantities (spec §1.1), computed once, with the lines the reference prints
+
+
+@dataclass
+class Plan:
+    model_config: dict
+    num_params: int
+    num_scaling_params: int
+    param_counts: dict
+    num_flops_per_token: float
+    tokens_per_fwdbwd: int
+    world_tokens_per_fwdbwd: int
+    grad_accum_steps: int
+    batch_lr_scale: float
+    weight_decay_scaled: float
+    num_iterations: int
+    total_tokens: int
+    world_size: int
+    lines: list = field(default_factory=list)
+
+
+def derive(cfg: TrainConfig, vocab_size: int, world_size: int) -> Plan:
+    from raychat.model import GPT, GPTConfig
+
+    import torch
+
+    lines = []
+    base_dim = cfg.depth * cfg.aspect_ratio
+    model_dim = math.ceil(base_dim / cfg.head_dim) * cfg.head_dim  # width rounded UP: head_dim stays exact
+    num_heads = model_dim // cfg.head_dim
+    lines += [f"num_layers: {cfg.depth}",
+              f"model_dim: {model_dim} (base: {base_dim}, nudge: {model_dim - base_dim:+d})",
+              f"num_heads: {num_heads}", f"head_dim: {cfg.head_dim}", f"num_kv_heads: {num_heads}"]
+
+    tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
+    world_tokens = tokens_per_fwdbwd * world_size
+    if cfg.total_batch_size % world_tokens != 0:
+        raise ValueError(
+            f"--total-batch-size={cfg.total_batch_size} must be divisible by device_batch_size x max_seq_len x "
+            f"num_workers = {cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} = {world_tokens}; "
+            f"change --total-batch-size or --device-batch-size")
+    grad_accum_steps = cfg.total_batch_size // world_tokens
+    lines += [f"Tokens / micro-batch / rank: {cfg.device_batch_size} x {cfg.max_seq_len} = {tokens_per_fwdbwd:,}",
+              f"Tokens / micro-batch: {world_tokens:,}",
+              f"Total batch size {cfg.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}"]
+
+    ratio = cfg.total_batch_size / REFERENCE_BATCH
+    batch_lr_scale = 1.0 if ratio == 1.0 else ratio**0.5
+    if batch_lr_scale != 1.0:
+        lines.append(f"Scaling LRs by {batch_lr_scale:.4f} for batch size {cfg.total_batch_size:,} "
+                     f"(reference: {REFERENCE_BATCH:,})")
+    weight_decay_scaled = cfg.weight_decay * (12 / cfg.depth) ** 2
+    if cfg.depth != 12:
+        lines.append(f"Scaling weight decay from {cfg.weight_decay:.6f} to {weight_decay_scaled:.6f} for depth {cfg.depth}")
+
+    model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth,
+                             n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim,
+                             window_pattern=cfg.window_pattern)
+    with torch.device("meta"):
+        model = GPT(model_config)
+    counts = model.num_scaling_params()
+    num_params = counts["total"]
+    num_scaling_params = counts["transformer_matrices"] + counts["lm_head"]
+    num_flops_per_token = model.estimate_flops()
+    lines.append("Parameter counts:")
+    lines += [f"{k:24s}: {v:,}" for k, v in counts.items()]
+    lines.append(f"Estimated FLOPs per token: {num_flops_per_token:e}")
+
+    if cfg.num_iterations > 0:
+        num_iterations = cfg.num_iterations
+        lines.append(f"Using user-provided number of iterations: {num_iterations:,}")
+    elif cfg.target_flops > 0:
+        num_iterations = round(cfg.target_flops / (num_flops_per_token * cfg.total_batch_size))
+        lines.append(f"Calculated number of iterations from target FLOPs: {num_iterations:,}")
+    elif cfg.target_param_data_ratio > 0:
+        target_tokens = int(cfg.target_param_data_ratio * num_scaling_params)
+        num_iterations = target_tokens // cfg.total_batch_size
+        lines.append(f"Calculated number of iterations from target data:param ratio: {num_iterations:,}")
+    else:
+        raise ValueError("No training horizon specified")
+    total_tokens = cfg.total_batch_size * num_iterations
+    lines += [f"Total number of training tokens: {total_tokens:,}",
+              f"Tokens : Scaling params ratio: {total_tokens / num_scaling_params:.2f}",
+              f"Total training FLOPs estimate: {num_flops_per_token * total_tokens:e}"]
+
+    return Plan(model_config=dataclasses.asdict(model_config), num_params=num_params,
+                num_scaling_params=num_scaling_params, param_counts=counts,
+                num_flops_per_token=num_flops_per_token, tokens_per_fwdbwd=tokens_per_fwdbwd,
+                world_tokens_per_fwdbwd=world_tokens, grad_accum_steps=grad_accum_steps,
+                batch_lr_scale=batch_lr_scale, weight_decay_scaled=weight_decay_scaled,
+                num_iterations=num_iterations, total_tokens=total_tokens, world_size=world_size, lines=lines)

@@ -1,0 +1,347 @@
+"""The per-worker training loop: nanochat's base_train, block for block, on one Ray Train worker.
+
+Read it beside the seed script: setup (device, tokenizer, derived sizes, model, resume, compile, optimizer,
+data), then `while True` over steps 0..N with eval -> CORE -> sample -> save -> (stop) -> train -> log, as
+spec §1.3. Ray appears only through the session (resume checkpoint at the top, report at save points).
+"""
+import gc
+import math
+import os
+import time
+import uuid
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from raychat import checkpoint as ckpt_files
+from raychat.common import autodetect_device_type, get_peak_flops
+from raychat.config import TrainConfig, derive
+from raychat.schedules import lr_multiplier, muon_momentum, muon_weight_decay
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+class _NoWandb:
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def _init_wandb(cfg: TrainConfig, master: bool):
+    if cfg.run == "dummy" or not master:
+        return _NoWandb()
+    import wandb
+
+    # A fixed id derived from the run name continues one W&B run across restarts (RAY_PRACTICE §5).
+    run_id = uuid.uuid5(uuid.NAMESPACE_URL, f"raychat/{cfg.run_name}").hex[:16]
+    return wandb.init(project="raychat", name=cfg.run, id=run_id, resume="allow", config=cfg.user_config())
+
+
+def _all_ranks_agree(flag: bool, device) -> bool:
+    """True if `flag` holds on any rank (a MAX all-reduce); every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _inject_failure(cfg: TrainConfig, rank: int, step: int) -> None:
+    """Fault injection for the recovery tests: rank 0 dies hard once, at the start of step `step`."""
+    from raychat.session import run_dir
+
+    marker = os.path.join(run_dir(cfg), f".injected_failure_step{step}")
+    if rank == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        print(f"Injected failure: rank 0 exits at step {step}", flush=True)
+        os._exit(1)
+
+
+def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
+    """Train one worker's share. Returns the final metrics (rank 0's are the run's)."""
+    from raychat.data.shards import split_shards
+    from raychat.data.stream import PackedStream
+    from raychat.engine import Engine
+    from raychat.loss_eval import evaluate_bpb
+    from raychat.model import GPT, GPTConfig
+    from raychat.report import write_run_report
+    from raychat.tokenizer import TOKEN_BYTES_FILE, Tokenizer
+
+    fit_id = fit_id or uuid.uuid4().hex
+    rank, world_size = session.rank, session.world_size
+    master = rank == 0
+    log = session.log
+
+    # --- device, seeds, precision (spec §1.1 items 1-2, §12.1) ---
+    device_type = cfg.device_type or autodetect_device_type()
+    device = session.device(device_type)
+    torch.manual_seed(42)  # the same seed on every rank: identical init, nothing broadcast (spec §8)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+    autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    get_max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else (lambda: 0)
+    peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else float("inf")
+    if device_type == "cuda":
+        log(f"GPU: {torch.cuda.get_device_name(device)} | Peak FLOPS (BF16): {peak_flops:.2e}")
+    if device_type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # workers share the node's cores
+    wandb_run = _init_wandb(cfg, master)
+
+    # --- tokenizer, derived sizes, model ---
+    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
+    token_bytes = torch.load(os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device, weights_only=True)
+    plan = derive(cfg, tokenizer.get_vocab_size(), world_size)
+    for line in plan.lines:
+        log(line)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**plan.model_config))
+    model.to_empty(device=device)
+    model.init_weights()
+
+    # --- resume (three ways, see RayTrainSession.resume_checkpoint) or start from a nanochat checkpoint ---
+    resume = None
+    with session.resume_checkpoint(cfg, fit_id) as resume_dir:
+        if resume_dir is not None:
+            model_state, optim_state, meta, data_state = ckpt_files.load_rank_files(resume_dir, rank, device)
+            ckpt_files.check_compatible(meta, plan.model_config, world_size, plan.grad_accum_steps, resume_dir)
+            resume = dict(optim=optim_state, meta=meta, data=data_state)
+            model.load_state_dict(model_state, strict=True, assign=True)
+            log(f"Resuming from step {meta['step']} ({resume_dir})")
+            del model_state
+    if resume is None and cfg.init_from_nanochat:
+        state, meta = ckpt_files.load_nanochat_model(cfg.init_from_nanochat, device=device)
+        ckpt_files.check_compatible({**meta, "world_size": world_size, "grad_accum_steps": plan.grad_accum_steps},
+                                    plan.model_config, world_size, plan.grad_accum_steps, cfg.init_from_nanochat)
+        model.load_state_dict(state, strict=True, assign=True)
+        log(f"Initialised from nanochat checkpoint {cfg.init_from_nanochat} (step {meta['step']})")
+
+    orig_model = model  # uncompiled: sampling, CORE and the saved state dict (no `_orig_mod.` keys)
+    if device_type == "cuda":
+        model = torch.compile(model, dynamic=False)
+
+    s = plan.batch_lr_scale
+    optimizer = orig_model.setup_optimizer(
+        unembedding_lr=cfg.unembedding_lr * s, embedding_lr=cfg.embedding_lr * s, matrix_lr=cfg.matrix_lr * s,
+        weight_decay=plan.weight_decay_scaled, adam_betas=(cfg.adam_beta1, cfg.adam_beta2),
+        scalar_lr=cfg.scalar_lr * s, distributed=world_size > 1)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optim"])
+
+    # --- data: one stream per slot this rank owns (docs/ARCHITECTURE.md "slots") ---
+    B, T, A = cfg.device_batch_size, cfg.max_seq_len, plan.grad_accum_steps
+    train_files, val_file = split_shards(cfg.data_dir)
+    data_states = resume["data"] if resume is not None else [None] * A
+    streams = [PackedStream(train_files, cfg.tokenizer_dir, B, T, slot=rank * A + a, num_slots=world_size * A,
+                            state=data_states[a], backend=cfg.data_backend, actors=cfg.data_actors)
+               for a in range(A)]
+
+    def next_batch(a):
+        x, y = next(streams[a])
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def data_state_for_checkpoint():
+        # Slot 0's next batch is already pulled (the prefetch below), so save the state from before it.
+        return [held_state] + [st.state_dict() for st in streams[1:]]
+
+    held_state = streams[0].state_dict()
+    x, y = next_batch(0)
+
+    # --- loop state ---
+    N = plan.num_iterations
+    if resume is None:
+        step, val_bpb, min_val_bpb, smooth_train_loss, total_training_time = 0, None, float("inf"), 0.0, 0.0
+        history = {"train_loss": [], "val_bpb": [], "core_metric": []}
+    else:
+        meta = resume["meta"]
+        step, val_bpb = meta["step"], meta["val_bpb"]
+        ls = meta["loop_state"]
+        min_val_bpb, smooth_train_loss, total_training_time = ls["min_val_bpb"], ls["smooth_train_loss"], ls["total_training_time"]
+        history = meta["history"]
+    resume_step = step if resume is not None else -1
+    eval_steps = cfg.eval_tokens // (B * T * world_size)
+    core_metric = None
+    mfu = 0.0
+    flops_per_step = plan.num_flops_per_token * cfg.total_batch_size
+    stopped_reason = None
+
+    while True:
+        last_step = step == N
+        flops_so_far = flops_per_step * step
+        metrics = {}
+
+        # --- val bpb (spec §1.3 item 2), all ranks ---
+        if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
+            model.eval()
+            val_stream = PackedStream([val_file], cfg.tokenizer_dir, B, T, slot=rank, num_slots=world_size,
+                                      backend=cfg.data_backend, actors=cfg.data_actors)
+            val_batches = ((vx.to(device), vy.to(device)) for vx, vy in val_stream)
+            with autocast_ctx:
+                val_bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
+            val_stream.close()
+            log(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            history["val_bpb"].append([step, val_bpb])
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                           "total_training_time": total_training_time, "val/bpb": val_bpb})
+            metrics["val_bpb"] = val_bpb
+            model.train()
+
+        # --- CORE (item 3), all ranks; never at step 0 ---
+        if cfg.core_metric_every > 0 and (last_step or (step > 0 and step % cfg.core_metric_every == 0)):
+            from raychat.core_eval import evaluate_core
+
+            model.eval()
+            core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=cfg.core_metric_max_per_task,
+                                         bundle_dir=os.path.join(cfg.base_dir, "eval_bundle"), autocast_ctx=autocast_ctx)
+            core_metric = core_results["core_metric"]
+            log(f"Step {step:05d} | CORE metric: {core_metric:.4f}")
+            history["core_metric"].append([step, core_metric])
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core_metric,
+                           "centered_results": core_results["centered_results"]})
+            metrics["core_metric"] = core_metric
+            model.train()
+
+        # --- samples (item 4), rank 0 only; the others go on and wait in the next collective ---
+        if master and cfg.sample_every > 0 and (last_step or (step > 0 and step % cfg.sample_every == 0)):
+            orig_model.eval()
+            engine = Engine(orig_model, tokenizer)
+            for prompt in SAMPLE_PROMPTS:
+                tokens = tokenizer(prompt, prepend="<|bos|>")
+                with autocast_ctx:
+                    sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+                log(tokenizer.decode(sample[0]))
+            orig_model.train()
+
+        # --- checkpoint (item 5) and the report to Ray, at the same steps on every rank ---
+        save = last_step or (step > 0 and step != resume_step and cfg.save_every > 0 and step % cfg.save_every == 0)
+        if save or metrics:
+            metrics.update(step=step, min_val_bpb=min_val_bpb, total_training_time=total_training_time,
+                           train_loss=history["train_loss"][-1][1] if history["train_loss"] else float("nan"))
+            if val_bpb is not None:
+                metrics.setdefault("val_bpb", val_bpb)  # carried forward: every report has it (RAY_PRACTICE §3)
+            checkpoint_dir = None
+            if save:
+                from raychat.session import new_checkpoint_dir
+
+                checkpoint_dir = new_checkpoint_dir()
+                meta = {
+                    "step": step, "val_bpb": val_bpb, "model_config": plan.model_config,
+                    "user_config": cfg.user_config(), "device_batch_size": B, "max_seq_len": T,
+                    "world_size": world_size, "grad_accum_steps": A, "fit_id": fit_id,
+                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
+                                   "total_training_time": total_training_time},
+                    "history": history,
+                }
+                ckpt_files.save_rank_files(checkpoint_dir, rank, optimizer.state_dict(), data_state_for_checkpoint(),
+                                           model_state=orig_model.state_dict() if master else None,
+                                           meta=meta if master else None)
+            session.report(metrics, checkpoint_dir, step)
+
+        if last_step:
+            break
+
+        # --- one training step (item 7) ---
+        synchronize()
+        t0 = time.time()
+        for micro_step in range(A):
+            with autocast_ctx:
+                loss = model(x, y)
+            train_loss = loss.detach()  # QUIRK kept: the logged loss is rank 0's last micro-batch (spec §1.3)
+            (loss / A).backward()
+            nxt = (micro_step + 1) % A
+            if nxt == 0:
+                held_state = streams[0].state_dict()
+            x, y = next_batch(nxt)  # packed on the CPU while the accelerator runs the queued backward
+        lrm = lr_multiplier(step, N, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+                group["weight_decay"] = muon_weight_decay(step, N, plan.weight_decay_scaled)
+        non_finite = _all_ranks_agree(not torch.isfinite(train_loss).item(), device)
+        if non_finite and cfg.nan_policy == "stop":
+            stopped_reason = f"loss became {train_loss.item()} at step {step}; the last checkpoint is intact"
+            log(f"ERROR: {stopped_reason}. Stopping (use --nan-policy skip to skip such steps).")
+            break
+        if non_finite:
+            log(f"WARNING: non-finite loss at step {step}: update skipped (--nan-policy skip)")
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss_f = train_loss.item()
+        synchronize()
+        dt = time.time() - t0
+
+        # --- logging (item 8) ---
+        if math.isfinite(train_loss_f):
+            smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss_f
+        debiased = smooth_train_loss / (1 - 0.9 ** (step + 1))
+        pct_done = 100 * step / N
+        tok_per_sec = int(cfg.total_batch_size / dt)
+        mfu = 100 * flops_per_step / dt / (peak_flops * world_size)
+        if step > 10:
+            total_training_time += dt  # steps 0-10 (compile warm-up) excluded, as the leaderboard counter
+        eta = f" | eta: {(N - step) * total_training_time / (step - 10) / 60:.1f}m" if step > 10 else ""
+        epoch = streams[0].epoch
+        log(f"step {step:05d}/{N:05d} ({pct_done:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+            f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
+            f"total time: {total_training_time / 60:.2f}m{eta}")
+        history["train_loss"].append([step, debiased])
+        if step % 100 == 0:
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+                           "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                           "train/mfu": mfu, "train/epoch": epoch})
+
+        # --- GC (item 9): freeze and disable after the first step, collect every 5000 ---
+        first_step_of_run = step == 0 or step == resume_step
+        step += 1
+        if first_step_of_run:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+        if cfg.debug_fail_at_step == step:
+            _inject_failure(cfg, rank, step)
+
+    for st in streams:
+        st.close()
+    gc.enable()
+    peak_mem_mib = get_max_memory() / 1024 / 1024
+    log(f"Peak memory usage: {peak_mem_mib:.2f}MiB")
+    log(f"Total training time: {total_training_time / 60:.2f}m")
+    if val_bpb is not None:
+        log(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    summary = {
+        "step": step, "num_iterations": N, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
+        "core_metric": core_metric, "mfu": mfu, "total_training_time": total_training_time,
+        "total_training_flops": flops_per_step * step, "peak_memory_mib": peak_mem_mib, "stopped": stopped_reason,
+    }
+    if stopped_reason is not None:
+        # A clean return (not an exception): Ray would retry an exception, and a NaN would come back.
+        session.report({"step": step, "stopped": stopped_reason}, None, step)
+    elif master:
+        write_run_report(cfg, plan, summary, history)
+    wandb_run.finish()
+    return summary
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train entry point: `config` is plain data built by the driver (raychat.train)."""
+    from raychat.session import RayTrainSession
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    train(cfg, RayTrainSession(), fit_id=config["fit_id"])
+

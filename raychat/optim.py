@@ -1,0 +1,419 @@
+"""Muon + AdamW in one optimizer, single-process (`MuonAdamW`) and ZeRO-2 sharded (`DistMuonAdamW`).
+
+Spec §3. Each param group carries `kind`:
+  adamw: {kind, params, lr, betas, eps, weight_decay}
+  muon:  {kind, params, lr, momentum, ns_steps, beta2, weight_decay}; every param 2-D, one shape per group
+Groups may carry extra keys (the training loop adds `initial_lr`); they are kept and saved untouched.
+
+The maths lives once, in two kernels (`adamw_kernel_`, `muon_kernel_`) that both classes call; the classes
+differ only in where the gradients come from (local `.grad`, or an averaged shard) and where the results go.
+nanochat duplicated the step between its two classes; STYLE §9 asks for one implementation.
+
+Hyperparameters reach the kernels as 0-d fp32 CPU tensors (§3), so changing lr/momentum/wd every step does
+not recompile them. On CUDA the kernels are `torch.compile(dynamic=False, fullgraph=True)` like the
+reference; on CPU they run eagerly (see COMPILE_KERNELS).
+
+Precision (§3.2 QUIRK, §5). The reference runs Polar Express in bf16 and then casts beta2, lr and wd to the
+result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype` reproduces that on CUDA (the default there). On CPU
+bf16 matmuls are emulated and ~20x slower than fp32 (measured: 95% of a d4 step, docs/bench/core.md), so
+the CPU default is fp32 orthogonalisation, in which beta2/lr/wd are exact. Everything else is identical.
+"""
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Compile the kernels on CUDA (as the reference) but never on CPU: inductor on CPU costs tens of seconds of
+# compile time per shape, which the tests and the small CPU runs never win back. Flip to False to debug.
+COMPILE_KERNELS = {"cuda": True, "cpu": False}
+
+# Polar Express coefficients (a, b, c), one triple per iteration, in order (spec §3.2; arXiv 2505.16932,
+# num_iters = 5, safety_factor = 2e-2, cushion = 2).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# The Frobenius normalisation divides by ||X|| * 1.02 + 1e-6: the slack keeps the top singular value
+# safely inside the polynomials' convergence region even after bf16 rounding.
+NORM_SLACK, NORM_EPS = 1.02, 1e-6
+
+# AdamW params with fewer elements than this are all-reduced and updated whole on every rank; larger ones
+# are reduce-scattered along dim 0 and their state sharded (spec §3.3).
+SMALL_PARAM_NUMEL = 1024
+
+_GROUP_KEYS = {
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+    "muon": ("lr", "momentum", "ns_steps", "beta2", "weight_decay"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The maths (spec §3.1, §3.2). Pure functions of tensors; the hyperparameters are 0-d fp32 CPU tensors.
+
+def adamw_kernel_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
+                  beta1: Tensor, beta2: Tensor, eps: Tensor, wd: Tensor) -> None:
+    """One AdamW update of `p` in place (§3.1): decoupled decay, then bias-corrected Adam.
+
+    The arithmetic runs in p's dtype: 0-d hyperparameter tensors do not promote (bf16 for wte/VE on CUDA).
+    """
+    p.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    bias1 = 1 - beta1 ** step
+    bias2 = 1 - beta2 ** step
+    denom = (exp_avg_sq / bias2).sqrt() + eps
+    p.sub_((lr / bias1) * exp_avg / denom)
+
+
+def polar_express(u: Tensor, ns_steps: int, dtype: torch.dtype) -> Tensor:
+    """Approximate the orthogonal polar factor of each matrix of the stack `u` (..., rows, cols) in `dtype`.
+
+    Contract: the singular values of the result lie in roughly [0.7, 1.2] whatever u's spectrum (the
+    "Polar Express band"); singular vectors are u's. Tall matrices iterate on the small Gram XᵀX, wide and
+    square ones on XXᵀ, so the cost is in the smaller dimension.
+    """
+    x = u.to(dtype)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * NORM_SLACK + NORM_EPS)
+    tall = u.size(-2) > u.size(-1)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+        if tall:
+            gram = x.mT @ x
+            x = a * x + x @ (b * gram + c * (gram @ gram))
+        else:
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x
+
+
+def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum_buffer: Tensor,
+                 momentum: Tensor, lr: Tensor, wd: Tensor, beta2: Tensor, ns_steps: int,
+                 ortho_dtype: torch.dtype) -> None:
+    """One Muon update (§3.2) of the stacked `params` (K, rows, cols) in place. `grads` is a scratch stack
+    (overwritten); the two buffers are this stack's state, (K, rows, cols) and (K, rows, 1) or (K, 1, cols).
+
+    `lr` is already the effective lr (group lr × sqrt(max(1, rows/cols))).
+    """
+    # 1. Nesterov momentum by lerp: buf ← lerp(buf, g, 1-μ); u = lerp(g, buf, μ) = (1-μ)g + μ·buf.
+    mu = momentum.to(grads.dtype)
+    momentum_buffer.lerp_(grads, 1 - mu)
+    u = grads.lerp_(momentum_buffer, mu)
+    # 2. Orthogonalise. g stays in ortho_dtype from here on, and so do beta2/lr/wd (the §3.2 QUIRK).
+    g = polar_express(u, ns_steps, ortho_dtype)
+    beta2, lr, wd = beta2.to(g.dtype), lr.to(g.dtype), wd.to(g.dtype)
+    # 3. NorMuon variance reduction: per-row (tall/square) or per-column (wide) running mean of g², no bias
+    # correction; rescale rows/columns by its inverse RMS, then restore each matrix's Frobenius norm.
+    red_dim = -1 if g.size(-2) >= g.size(-1) else -2
+    n = g.size(red_dim)
+    v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
+    second_momentum_buffer.lerp_(v_mean.to(second_momentum_buffer.dtype), 1 - beta2)
+    step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
+    v_norm_new = (v_mean * n * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    g = g * (step_size * v_norm / v_norm_new.clamp_min(1e-10)).to(g.dtype)
+    # 4. Cautious weight decay: decay only where the update and the weight agree in sign (or one is 0).
+    mask = (g * params) >= 0
+    params.sub_(lr * g + lr * wd * params * mask)
+
+
+@functools.cache
+def _kernels(device_type: str):
+    """(adamw, muon) kernels for a device type: compiled where COMPILE_KERNELS says so, else eager."""
+    if COMPILE_KERNELS.get(device_type, False):
+        compile_ = functools.partial(torch.compile, dynamic=False, fullgraph=True)
+        return compile_(adamw_kernel_), compile_(muon_kernel_)
+    return adamw_kernel_, muon_kernel_
+
+
+# ------------------------------------------------------------------------------------------------------
+# Single process
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the transformer matrices, AdamW for the rest (spec §3), on one process.
+
+    `ortho_dtype`: dtype of the Polar Express iteration. None picks bf16 for CUDA params (the reference's
+    behaviour, §3.2 QUIRK) and fp32 otherwise; torch.bfloat16 or torch.float32 forces one.
+    Muon state lives on each group's first param: momentum_buffer (K, rows, cols) in the param dtype and
+    second_momentum_buffer (K, rows, 1) if rows >= cols else (K, 1, cols) in fp32. AdamW state per param:
+    step (int), exp_avg, exp_avg_sq in the param dtype, created on the first step that has a gradient.
+    """
+
+    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None):
+        super().__init__(param_groups, defaults={})
+        if ortho_dtype not in (None, torch.bfloat16, torch.float32):
+            raise ValueError(f"ortho_dtype={ortho_dtype} is not supported: pass None (bf16 on CUDA, fp32 "
+                             "elsewhere), torch.bfloat16 or torch.float32")
+        self.ortho_dtype = ortho_dtype
+        for group in self.param_groups:
+            _validate_group(group)
+        # 0-d fp32 CPU hyperparameter tensors, refilled each step: changing values never recompile.
+        self._hp = {name: torch.tensor(0.0, dtype=torch.float32)
+                    for name in ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_hp"):  # during __init__ the groups are validated together afterwards
+            _validate_group(self.param_groups[-1])
+
+    # -- shared helpers (used by DistMuonAdamW too) --
+
+    def _ortho_dtype_for(self, device: torch.device) -> torch.dtype:
+        if self.ortho_dtype is not None:
+            return self.ortho_dtype
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def _adamw_update(self, group: dict, p: Tensor, grad: Tensor, state: dict, p_view: Tensor) -> None:
+        """AdamW on `p_view` (p itself, or this rank's dim-0 slice of it) with state held in `state`."""
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p_view)
+            state["exp_avg_sq"] = torch.zeros_like(p_view)
+        state["step"] += 1
+        hp = self._hp
+        hp["step"].fill_(state["step"])
+        hp["lr"].fill_(group["lr"])
+        hp["beta1"].fill_(group["betas"][0])
+        hp["beta2"].fill_(group["betas"][1])
+        hp["eps"].fill_(group["eps"])
+        hp["wd"].fill_(group["weight_decay"])
+        adamw, _ = _kernels(p.device.type)
+        adamw(p_view, grad, state["exp_avg"], state["exp_avg_sq"], hp["step"], hp["lr"], hp["beta1"],
+              hp["beta2"], hp["eps"], hp["wd"])
+
+    def _muon_update(self, group: dict, grads: Tensor, params: Tensor, state: dict, n_state: int) -> None:
+        """Muon on the stacked `params` (k, rows, cols) with `grads` (overwritten). `state` is the group's
+        first param's state, sized for `n_state` >= k matrices (the leading k are used)."""
+        k, rows, cols = params.shape
+        if not state:
+            shape1, shape2 = _muon_state_shapes(rows, cols, n_state)
+            state["momentum_buffer"] = torch.zeros(shape1, dtype=params.dtype, device=params.device)
+            state["second_momentum_buffer"] = torch.zeros(shape2, dtype=torch.float32, device=params.device)
+        if k == 0:
+            return
+        hp = self._hp
+        hp["momentum"].fill_(group["momentum"])
+        hp["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))  # §3.2: tall matrices get more
+        hp["wd"].fill_(group["weight_decay"])
+        hp["beta2"].fill_(group["beta2"])
+        _, muon = _kernels(params.device.type)
+        muon(grads, params, state["momentum_buffer"][:k], state["second_momentum_buffer"][:k],
+             hp["momentum"], hp["lr"], hp["wd"], hp["beta2"], group["ns_steps"],
+             self._ortho_dtype_for(params.device))
+
+    # -- the step --
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every group, in group order. AdamW params without a gradient are skipped; a Muon
+        group must have gradients for all of its params or for none."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = group["params"]
+            if group["kind"] == "adamw":
+                for p in params:
+                    if p.grad is not None:
+                        self._adamw_update(group, p, p.grad, self.state[p], p)
+                continue
+            missing = [i for i, p in enumerate(params) if p.grad is None]
+            if len(missing) == len(params):
+                continue
+            if missing:
+                raise RuntimeError(f"Muon group of shape {tuple(params[0].shape)}: params {missing} have no "
+                                   "gradient while others do; Muon stacks the whole group, so every param "
+                                   "must take part in the loss (or none)")
+            stacked = torch.stack(params)
+            self._muon_update(group, torch.stack([p.grad for p in params]), stacked, self.state[params[0]],
+                              len(params))
+            torch._foreach_copy_(params, list(stacked.unbind(0)))
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Standard Optimizer loading, then a check that every state tensor has the shape this optimizer
+        (its groups, and for DistMuonAdamW its world size) expects: a shard from another layout is refused
+        rather than silently mis-sliced (spec §3.4)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p, key, shape in self._expected_state_shapes(group):
+                got = self.state[p].get(key) if p in self.state else None
+                if got is not None and tuple(got.shape) != shape:
+                    raise ValueError(
+                        f"optimizer state '{key}' for a {group['kind']} param of shape {tuple(p.shape)} has "
+                        f"shape {tuple(got.shape)}, expected {shape}: a state dict is only valid for the same "
+                        f"param groups and world size ({self._world_size}); load the shard this rank saved "
+                        "in a run with the same layout")
+
+    _world_size = 1
+
+    def _expected_state_shapes(self, group: dict) -> list[tuple[Tensor, str, tuple]]:
+        """(param, state key, shape) of every state tensor of a group, single-process layout."""
+        params = group["params"]
+        if group["kind"] == "adamw":
+            return [(p, key, tuple(p.shape)) for p in params for key in ("exp_avg", "exp_avg_sq")]
+        return _muon_state_entries(params[0], len(params))
+
+
+def _muon_state_shapes(rows: int, cols: int, n_state: int) -> tuple[tuple, tuple]:
+    """Shapes of momentum_buffer and second_momentum_buffer for n_state stacked (rows, cols) matrices: the
+    second moment is factored, one statistic per row (rows >= cols) or per column (wide), §3.2."""
+    return (n_state, rows, cols), ((n_state, rows, 1) if rows >= cols else (n_state, 1, cols))
+
+
+def _muon_state_entries(first: Tensor, n_state: int) -> list[tuple[Tensor, str, tuple]]:
+    shape1, shape2 = _muon_state_shapes(*first.shape, n_state)
+    return [(first, "momentum_buffer", shape1), (first, "second_momentum_buffer", shape2)]
+
+
+def _validate_group(group: dict) -> None:
+    """Raise ValueError naming the problem if a group's kind, keys or Muon shapes are not usable."""
+    kind = group.get("kind")
+    if kind not in _GROUP_KEYS:
+        raise ValueError(f"param group kind={kind!r} is unknown: every group needs kind 'adamw' or 'muon'")
+    missing = [k for k in _GROUP_KEYS[kind] if k not in group]
+    if missing:
+        raise ValueError(f"{kind} param group is missing {missing}; an {kind} group needs "
+                         f"{list(_GROUP_KEYS[kind])}")
+    if kind == "muon":
+        shapes = {tuple(p.shape) for p in group["params"]}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"Muon group has param shapes {sorted(shapes)}: a Muon group must hold 2-D params "
+                             "of a single shape (build one group per shape)")
+        if not 1 <= group["ns_steps"] <= len(POLAR_EXPRESS_COEFFS):
+            raise ValueError(f"Muon ns_steps={group['ns_steps']} must be in 1..{len(POLAR_EXPRESS_COEFFS)} "
+                             "(one Polar Express coefficient triple per step)")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Distributed (ZeRO-2)
+
+class DistMuonAdamW(MuonAdamW):
+    """MuonAdamW over the default process group with ZeRO-2 sharding (spec §3.3). No DDP wrapper: the
+    gradients are averaged here, inside step(), so every rank must call step() with its local gradients.
+
+    - AdamW params with numel < 1024: all_reduce(AVG), full update with replicated state on every rank.
+    - Larger AdamW params: reduce_scatter(AVG) along dim 0 (needs shape[0] % world_size == 0); each rank
+      updates its slice with state of the slice's shape, then all_gathers the param.
+    - Muon group of K params: chunk = ceil(K / W); rank r owns params [r·chunk, (r+1)·chunk) ∩ [0, K) and
+      holds state of leading size chunk (a rank owning fewer uses the leading part).
+    Every reduction is launched before any computation (phase 1), so communication overlaps the maths of
+    the earlier groups (phase 2); the gathers are awaited last (phase 3).
+
+    ReduceOp.AVG is used on every backend. (The reference targets NCCL only; gloo on torch 2.13 implements
+    AVG for all_reduce and reduce_scatter, verified on this project's pinned version, so the CPU path needs
+    no SUM-then-divide special case.) torch.distributed must already be initialised (Ray Train does it).
+    A state dict is this rank's shard: valid only for the same world size and groups (§3.4).
+    """
+
+    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistMuonAdamW needs an initialised default process group "
+                               "(torch.distributed.init_process_group); use MuonAdamW for one process")
+        self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+        super().__init__(param_groups, ortho_dtype)
+        for group in self.param_groups:
+            self._check_shardable(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_hp"):
+            self._check_shardable(self.param_groups[-1])
+
+    def _check_shardable(self, group: dict) -> None:
+        if group["kind"] != "adamw":
+            return
+        for p in group["params"]:
+            if p.numel() >= SMALL_PARAM_NUMEL and p.shape[0] % self._world_size != 0:
+                raise ValueError(
+                    f"AdamW param of shape {tuple(p.shape)} has numel >= {SMALL_PARAM_NUMEL}, so DistMuonAdamW "
+                    f"shards it along dim 0, which needs shape[0] % world_size == 0 ({p.shape[0]} % "
+                    f"{self._world_size} = {p.shape[0] % self._world_size}); pad that dimension to a multiple "
+                    f"of {self._world_size} (the model pads its vocab) or change the number of workers")
+
+    def _expected_state_shapes(self, group: dict) -> list[tuple[Tensor, str, tuple]]:
+        params = group["params"]
+        if group["kind"] == "adamw":
+            out = []
+            for p in params:
+                shape = tuple(p.shape)
+                if p.numel() >= SMALL_PARAM_NUMEL:
+                    shape = (shape[0] // self._world_size, *shape[1:])
+                out += [(p, "exp_avg", shape), (p, "exp_avg_sq", shape)]
+            return out
+        return _muon_state_entries(params[0], -(-len(params) // self._world_size))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rank, world = self._rank, self._world_size
+        avg = dist.ReduceOp.AVG
+
+        # Phase 1: launch every reduction, group by group, in group order (identical on all ranks).
+        launched = []
+        for group in self.param_groups:
+            params = group["params"]
+            grads = [self._grad_of(p) for p in params]
+            if group["kind"] == "adamw":
+                for p, grad in zip(params, grads):
+                    if p.numel() < SMALL_PARAM_NUMEL:
+                        work = dist.all_reduce(grad, op=avg, async_op=True)
+                        launched.append((work, group, p, grad))
+                    else:
+                        grad_slice = grad.new_empty((p.shape[0] // world, *p.shape[1:]))
+                        work = dist.reduce_scatter_single(grad_slice, grad, op=avg, async_op=True)
+                        launched.append((work, group, p, grad_slice))
+            else:
+                k, (rows, cols) = len(params), params[0].shape
+                chunk = -(-k // world)
+                stacked = grads[0].new_zeros(chunk * world, rows, cols)  # zero-padded past K
+                torch._foreach_copy_(list(stacked[:k].unbind(0)), grads)
+                grad_chunk = grads[0].new_empty(chunk, rows, cols)
+                work = dist.reduce_scatter_single(grad_chunk, stacked, op=avg, async_op=True)
+                launched.append((work, group, stacked, grad_chunk))
+
+        # Phase 2: wait for each reduction in order and update what this rank owns; launch the gathers.
+        gathers = []
+        for work, group, target, grad in launched:
+            work.wait()
+            if group["kind"] == "adamw":
+                p = target
+                if p.numel() < SMALL_PARAM_NUMEL:
+                    self._adamw_update(group, p, grad, self.state[p], p)
+                else:
+                    rows = p.shape[0] // world
+                    p_slice = p[rank * rows:(rank + 1) * rows]
+                    self._adamw_update(group, p, grad, self.state[p], p_slice)
+                    gathers.append((dist.all_gather_single(p, p_slice, async_op=True), None, None))
+            else:
+                params, stacked, chunk = group["params"], target, grad.shape[0]
+                start = rank * chunk
+                n_own = max(0, min(chunk, len(params) - start))
+                owned = grad.new_zeros(grad.shape)
+                if n_own:  # _foreach_copy_ rejects empty lists; a rank may own nothing (K < W·chunk)
+                    torch._foreach_copy_(list(owned[:n_own].unbind(0)), params[start:start + n_own])
+                self._muon_update(group, grad[:n_own], owned[:n_own], self.state[params[0]], chunk)
+                # The gradient stack is free again: gather the updated params into it.
+                gathers.append((dist.all_gather_single(stacked, owned, async_op=True), params, stacked))
+
+        # Phase 3: wait for the gathers and copy each Muon param out of its gathered stack.
+        for work, params, stacked in gathers:
+            work.wait()
+            if params is not None:
+                torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
+        return loss
+
+    @staticmethod
+    def _grad_of(p: Tensor) -> Tensor:
+        if p.grad is None:
+            raise RuntimeError(f"param of shape {tuple(p.shape)} has no gradient: DistMuonAdamW averages every "
+                               "param's gradient across ranks, so all ranks need a gradient for every param "
+                               "(make it take part in the loss, or leave it out of the optimizer)")
+        return p.grad if p.grad.is_contiguous() else p.grad.contiguous()

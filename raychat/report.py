@@ -1,0 +1,105 @@
+"""The end-of-run report: markdown plus PNG plots, written into the run's directory (spec §1.4, §12.4).
+
+The markdown keeps the reference's three blocks (user config, setup, outcomes) and adds what a Ray user
+wants beside them: the run name, world layout and plots of train loss and val bpb over steps.
+"""
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+
+import torch
+
+from raychat.session import run_dir
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 10000:
+        return f"{v:,}"
+    return str(v)
+
+
+def _section(title: str, items: dict) -> str:
+    lines = [f"### {title}", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in items.items() if v is not None and v != ""]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(series: list, ylabel: str, path: str) -> bool:
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*series)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, values, marker="o" if len(steps) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def render_report(cfg, plan, summary: dict, history: dict, out_dir: str) -> str:
+    """Write report.md and the plots into a local directory; returns the markdown."""
+    setup = {
+        "Run name": cfg.run_name,
+        "Number of parameters": plan.num_params,
+        "Number of scaling parameters": plan.num_scaling_params,
+        "Number of FLOPs per token": f"{plan.num_flops_per_token:e}",
+        "Calculated number of iterations": plan.num_iterations,
+        "Number of training tokens": plan.total_tokens,
+        "Tokens : Scaling params ratio": plan.total_tokens / plan.num_scaling_params,
+        "DDP world size": plan.world_size,
+        "Gradient accumulation steps": plan.grad_accum_steps,
+        "warmup_ratio": cfg.warmup_ratio, "warmdown_ratio": cfg.warmdown_ratio, "final_lr_frac": cfg.final_lr_frac,
+    }
+    outcomes = {
+        "Minimum validation bpb": None if summary["val_bpb"] is None else summary["min_val_bpb"],
+        "Final validation bpb": summary["val_bpb"],
+        "CORE metric estimate": summary["core_metric"],
+        "MFU %": f"{summary['mfu']:.2f}%",
+        "Total training flops": f"{summary['total_training_flops']:e}",
+        "Total training time": f"{summary['total_training_time'] / 60:.2f}m",
+        "Peak memory usage": f"{summary['peak_memory_mib']:.2f}MiB",
+    }
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    md = [f"## Base model training: {cfg.run_name}",
+          f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}", "",
+          _section("Config", cfg.user_config()), _section("Parameter counts", plan.param_counts),
+          _section("Setup", setup), _section("Outcomes", outcomes), _section("Environment", env)]
+    if _plot(history["train_loss"], "train loss (smoothed, debiased)", os.path.join(out_dir, "train_loss.png")):
+        md.append("![train loss](train_loss.png)\n")
+    if _plot(history["val_bpb"], "val bpb", os.path.join(out_dir, "val_bpb.png")):
+        md.append("![val bpb](val_bpb.png)\n")
+    text = "\n".join(md)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def write_run_report(cfg, plan, summary: dict, history: dict) -> str:
+    """Render the report and copy it into `{storage_path}/{run_name}/` (local, s3:// or gs://)."""
+    dest = run_dir(cfg)
+    tmp = tempfile.mkdtemp(prefix="raychat-report-")
+    try:
+        render_report(cfg, plan, summary, history, tmp)
+        if "://" in dest:
+            import pyarrow.fs as pafs
+
+            pafs.copy_files(tmp, dest, source_filesystem=pafs.LocalFileSystem())
+        else:
+            os.makedirs(dest, exist_ok=True)
+            for name in os.listdir(tmp):
+                shutil.copy(os.path.join(tmp, name), os.path.join(dest, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"{dest}/report.md"

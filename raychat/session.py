@@ -1,0 +1,142 @@
+"""Where the training loop meets its launcher: Ray Train, or a plain Python process.
+
+The loop (raychat/loop.py) talks to a session for four things only: its rank and world size, its device,
+the checkpoint to resume from, and reporting metrics and checkpoints. `RayTrainSession` is what a Ray Train
+worker uses; `LocalSession` runs the same loop in one process without Ray (benchmarks, debugging).
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+
+import torch
+
+from raychat import checkpoint as ckpt_files
+
+
+def run_dir(cfg) -> str:
+    return f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}"
+
+
+def _materialise(path: str):
+    """A context manager giving a local directory with the checkpoint at `path` (local or s3://, gs://)."""
+    if "://" not in path:
+        return contextlib.nullcontext(path)
+    import ray.train
+
+    return ray.train.Checkpoint(path).as_directory()
+
+
+def _list_remote_steps(path: str) -> list[tuple[int, str]]:
+    import pyarrow.fs as pafs
+
+    if "://" not in path:
+        return ckpt_files.list_step_dirs(path)
+    fs, root = pafs.FileSystem.from_uri(path)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        m = ckpt_files.STEP_DIR.match(os.path.basename(info.path))
+        if m and info.type == pafs.FileType.Directory:
+            found.append((int(m.group(1)), path.rstrip("/") + "/" + os.path.basename(info.path)))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def _first_complete(candidates, log):
+    """Yield the local directory of the first complete checkpoint among `candidates` (newest first)."""
+    for path in candidates:
+        with _materialise(path) as d:
+            problem = ckpt_files.check_complete(d)
+            if problem is None:
+                yield d
+                return
+            log(f"WARNING: skipping incomplete checkpoint {path}: {problem}")
+    yield None
+
+
+class _Session:
+    rank = 0
+    world_size = 1
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    @contextlib.contextmanager
+    def resume_checkpoint(self, cfg, fit_id: str):
+        """The local directory of the checkpoint this run continues from, or None for a fresh start.
+
+        Precedence: a checkpoint written earlier in this same `fit()` (automatic recovery after a failure);
+        else `--resume-from-step N` of this run; else the newest complete checkpoint of the run (rerun with
+        the same --run-name). Incomplete checkpoints are skipped with a warning.
+        """
+        steps = _list_remote_steps(run_dir(cfg))
+        newest_first = [p for _, p in reversed(steps)]
+        if cfg.resume_from_step >= 0:
+            explicit = [p for s, p in steps if s == cfg.resume_from_step]
+            if not explicit:
+                raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: no checkpoint "
+                                        f"{ckpt_files.step_dir_name(cfg.resume_from_step)} in {run_dir(cfg)}; "
+                                        f"found steps {[s for s, _ in steps]}")
+            # Only checkpoints of this very fit() (a retry after a failure) take precedence over it.
+            same_fit = [p for s, p in steps if s > cfg.resume_from_step and self._fit_id_of(p) == fit_id]
+            newest_first = list(reversed(same_fit)) + explicit
+        with _first_complete(newest_first, self.log) as d:
+            yield d
+
+    @staticmethod
+    def _fit_id_of(path: str):
+        try:
+            with _materialise(path) as d:
+                return ckpt_files.read_meta(d).get("fit_id")
+        except (OSError, ValueError):
+            return None
+
+
+class RayTrainSession(_Session):
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+
+    def device(self, device_type: str) -> torch.device:
+        if device_type == "cuda":
+            import ray.train.torch
+
+            return ray.train.torch.get_device()  # not cuda:LOCAL_RANK: Ray shares CUDA_VISIBLE_DEVICES
+        return torch.device(device_type)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None, step: int) -> None:
+        """Every rank calls this at the same steps: it is a barrier (RAY_PRACTICE §1)."""
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=ckpt_files.step_dir_name(step) if checkpoint_dir else None)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # SYNC upload: already copied to storage
+
+
+class LocalSession(_Session):
+    """The same loop in the calling process, checkpoints copied into `{storage_path}/{run_name}/`."""
+
+    def __init__(self, cfg):
+        self.run_dir = run_dir(cfg)
+        self.reports = []
+
+    def device(self, device_type: str) -> torch.device:
+        return torch.device(device_type)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None, step: int) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir:
+            dest = os.path.join(self.run_dir, ckpt_files.step_dir_name(step))
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.move(checkpoint_dir, dest)
+
+
+def new_checkpoint_dir() -> str:
+    return tempfile.mkdtemp(prefix="raychat-ckpt-")

@@ -1,0 +1,141 @@
+"""`python -m raychat.train`: nanochat's base_train as a Ray Train job.
+
+    python -m raychat.train --depth 4 ...                  # a local Ray started here (the embedded default)
+    ray job submit --working-dir . -- python -m raychat.train --run-name d24-speedrun ...   # on a cluster
+
+The driver parses one TrainConfig, checks everything it can before any worker starts (flags, tokenizer,
+shards, batch divisibility, GPUs, a checkpoint it would resume), then hands the per-worker loop
+(raychat.loop) to a TorchTrainer. Rerunning with the same --run-name resumes the run.
+"""
+import dataclasses
+import datetime
+import os
+import sys
+import uuid
+
+from raychat.config import TrainConfig, derive, parse_args
+
+# What workers need in their environment; forwarded only when set, never secrets (those travel through the
+# job's runtime_env, see docs/CLUSTER.md).
+_FORWARD_ENV = ("RAYCHAT_BASE_DIR", "WANDB_MODE", "WANDB_PROJECT", "TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS",
+                "RAY_DATA_USE_DATASOURCE_V2")
+
+
+def preflight(cfg: TrainConfig):
+    """Everything that can fail cheaply fails here, before the cluster does any work. Returns the plan."""
+    from raychat import checkpoint as ckpt_files
+    from raychat.data.shards import split_shards, validate_shard
+    from raychat.session import _list_remote_steps, _first_complete, run_dir
+    from raychat.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
+    train_files, val_file = split_shards(cfg.data_dir)
+    for path in train_files[:1] + [val_file]:
+        validate_shard(path)
+    plan = derive(cfg, tokenizer.get_vocab_size(), cfg.num_workers)
+    if cfg.init_from_nanochat:
+        ckpt_files.find_nanochat_step(cfg.init_from_nanochat)
+    steps = _list_remote_steps(run_dir(cfg))
+    if cfg.resume_from_step >= 0 and cfg.resume_from_step not in [s for s, _ in steps]:
+        raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: run {run_dir(cfg)} has no such "
+                                f"checkpoint (found steps {[s for s, _ in steps]})")
+    if steps:
+        with _first_complete([p for _, p in reversed(steps)], print) as d:
+            if d is not None:
+                ckpt_files.check_compatible(ckpt_files.read_meta(d), plan.model_config, cfg.num_workers,
+                                            plan.grad_accum_steps, d)
+    if cfg.core_metric_every > 0:
+        from raychat.core_eval import download_eval_bundle
+
+        download_eval_bundle(base_dir=cfg.base_dir)
+    return plan, len(train_files)
+
+
+def init_ray(cfg: TrainConfig):
+    """Attach to the cluster when RAY_ADDRESS is set (ray job submit sets it), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # no resource arguments: they raise against an existing cluster (RAY_PRACTICE §4)
+        return
+    # The embedded default: size the local Ray to the machine, with room for the data actors. Logical CPUs
+    # may exceed cores; the workers' torch threads are capped by --cpus-per-worker.
+    needed = cfg.num_workers * cfg.cpus_per_worker + (cfg.num_workers * cfg.data_actors + 1)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
+
+
+def resolve_device(cfg: TrainConfig) -> TrainConfig:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.use_gpu == "true" and gpus < cfg.num_workers:
+        raise ValueError(f"--use-gpu true asks for {cfg.num_workers} GPUs but the Ray cluster has {gpus:g}; "
+                         "use --use-gpu false to train on CPUs or add GPU nodes")
+    use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and gpus >= cfg.num_workers and gpus > 0)
+    if cfg.device_type == "cuda" and not use_gpu:
+        raise ValueError(f"--device-type cuda needs GPUs, and the Ray cluster has {gpus:g} for "
+                         f"{cfg.num_workers} workers")
+    return dataclasses.replace(cfg, use_gpu="true" if use_gpu else "false",
+                               device_type="cuda" if use_gpu else (cfg.device_type or "cpu"))
+
+
+def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra: dict | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raychat.loop import train_loop_per_worker
+
+    use_gpu = cfg.use_gpu == "true"
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "fit_id": fit_id or uuid.uuid4().hex},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=cfg.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": env}, **(run_config_extra or {})),
+        # A hung collective should fail (and be retried) in minutes, not the default 30 (RAY_PRACTICE §1).
+        torch_config=TorchConfig(timeout_s=600),
+    )
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv).resolve_paths()
+        if cfg.run_name is None:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            cfg = dataclasses.replace(cfg, run_name=f"{cfg.tag}-{stamp}")
+        plan, num_train_files = preflight(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Run {cfg.run_name}: {plan.num_iterations} steps, {cfg.num_workers} worker(s) x "
+          f"{plan.grad_accum_steps} accumulation step(s), {num_train_files} train shard(s), "
+          f"storage {cfg.storage_path}")
+    for line in plan.lines:
+        print("  " + line)
+    if cfg.dry_run:
+        return 0
+
+    init_ray(cfg)
+    try:
+        cfg = resolve_device(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = build_trainer(cfg).fit()
+    metrics = result.metrics or {}
+    if metrics.get("stopped"):
+        print(f"error: training stopped: {metrics['stopped']}", file=sys.stderr)
+        return 1
+    print(f"Done. Checkpoints and report in {cfg.storage_path.rstrip('/')}/{cfg.run_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The cluster files: launcher configs, the KubeRay RayJob, the run scripts and every documented command.
+
+- cluster.yaml / cluster-gcp.yaml go through the autoscaler's own `prepare_config` + `validate_config`
+  (the JSON schema shipped inside the installed `ray` package), as `ray up` does before touching a cloud.
+- k8s/rayjob.yaml parses and runs the same training command as scripts/speedrun.sh.
+- Every `python -m raychat...` / `python -m scripts...` command in scripts/*.sh, README.md, docs/*.md and
+  the RayJob entrypoint is run with `--dry-run` appended: it must parse and validate. A command whose
+  module does not exist yet is skipped (with its name), never silently passed.
+"""
+import copy
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import yaml
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+LAUNCHER_FILES = ["cluster.yaml", "cluster-gcp.yaml"]
+SCRIPTS = ["scripts/speedrun.sh", "scripts/runcpu.sh"]
+RAYJOB = "k8s/rayjob.yaml"
+
+
+def _read(rel):
+    with open(os.path.join(ROOT, rel)) as f:
+        return f.read()
+
+
+def _load(rel):
+    return yaml.safe_load(_read(rel))
+
+
+def _rayjob():
+    docs = [d for d in yaml.safe_load_all(_read(RAYJOB)) if d]
+    jobs = [d for d in docs if d.get("kind") == "RayJob"]
+    assert len(jobs) == 1, f"{RAYJOB} must hold exactly one RayJob, found {len(jobs)}"
+    return jobs[0], docs
+
+
+def _pyproject_version():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["version"]
+
+
+# ---- launcher configs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_config_passes_the_autoscalers_validation(name):
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = _load(name)
+    assert "head_node" not in config and "worker_nodes" not in config, "legacy keys: use available_node_types"
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_validation_is_live_a_misspelt_key_is_rejected(name):
+    jsonschema = pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = _load(name)
+    config["available_node_types"][config["head_node_type"]]["min_worker"] = 0  # typo of min_workers
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        validate_config(prepare_config(config))
+
+
+def _gpu_type(config):
+    gpu = [k for k, v in config["available_node_types"].items() if v["resources"].get("GPU")]
+    assert len(gpu) == 1, f"expected one GPU node type, found {gpu}"
+    return config["available_node_types"][gpu[0]]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_topology_image_and_security(name):
+    import ray
+
+    config = _load(name)
+    head = config["available_node_types"][config["head_node_type"]]
+    # A CPU head that schedules nothing, and 8xH100 workers that start from zero.
+    assert head["resources"] == {"CPU": 0} and "GPU" not in head["resources"]
+    gpu = _gpu_type(config)
+    assert gpu["resources"]["GPU"] == 8 and gpu.get("min_workers", 0) == 0
+    assert config["max_workers"] >= gpu["max_workers"] >= 1
+    # Client, image and cluster on one Ray version (RAY_PRACTICE §4).
+    assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    # Only SSH from outside: no extra inbound rules, dashboard on loopback, token auth on everywhere.
+    assert "IpPermissions" not in config["provider"].get("security_group", {})
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = [c for c in cmds if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start)
+        assert all("RAYCHAT_BASE_DIR=" in c for c in start)
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    # raychat pinned to the release that matches pyproject.toml.
+    setup = " ".join(config["setup_commands"])
+    assert f"raychat.git@v{_pyproject_version()}" in setup
+
+
+def test_aws_gpu_nodes_have_efa_on_every_network_card_and_are_on_demand():
+    config = _load("cluster.yaml")
+    gpu = _gpu_type(config)["node_config"]
+    assert gpu["InstanceType"] == "p5.48xlarge"
+    nics = gpu["NetworkInterfaces"]
+    assert sorted(n["NetworkCardIndex"] for n in nics) == list(range(32))
+    assert all(n["InterfaceType"] == "efa" for n in nics)
+    assert [n["DeviceIndex"] for n in nics if n["NetworkCardIndex"] == 0] == [0]
+    assert {n["DeviceIndex"] for n in nics if n["NetworkCardIndex"] > 0} == {1}
+    # Ray copies subnet and groups up from the interfaces and refuses interfaces without them.
+    assert all(n.get("SubnetId") and n.get("Groups") for n in nics)
+    assert "InstanceMarketOptions" not in gpu, "GPU nodes are on-demand by default (docs/CLUSTER.md)"
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    assert "InstanceMarketOptions" not in head and not head["InstanceType"].startswith(("p", "g"))
+    assert config["provider"]["use_internal_ips"] and config["provider"]["use_external_head_ip"]
+
+
+def test_gcp_gpu_node_terminates_on_maintenance_in_the_providers_zone():
+    config = _load("cluster-gcp.yaml")
+    gpu = _gpu_type(config)["node_config"]
+    assert gpu["machineType"] == "a3-highgpu-8g"
+    assert gpu["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    assert "provisioningModel" not in gpu["scheduling"], "on-demand by default"
+    zone = config["provider"]["availability_zone"]
+    for disk in gpu["disks"]:
+        disk_type = disk["initializeParams"].get("diskType")
+        assert disk_type is None or disk_type.startswith(f"zones/{zone}/"), (disk_type, zone)
+
+
+def test_every_placeholder_is_explained_in_the_cluster_docs():
+    docs = _read("docs/CLUSTER.md")
+    files = LAUNCHER_FILES + [RAYJOB]
+    found = {tok for f in files for tok in re.findall(r"[\w-]*CHANGE_ME\w*", _read(f))}
+    assert found, "expected CHANGE_ME_* placeholders in the cluster files"
+    missing = sorted(tok for tok in found if tok not in docs)
+    assert not missing, f"placeholders not explained in docs/CLUSTER.md: {missing}"
+
+
+def test_rayignore_keeps_state_and_environments_out_of_the_working_dir():
+    lines = {ln.strip() for ln in _read(".rayignore").splitlines() if ln.strip() and not ln.startswith("#")}
+    assert {".git/", ".venv/", "*.parquet", "*.pt", "*.pkl"} <= lines
+
+
+# ---- the RayJob ------------------------------------------------------------------------------------
+
+
+def test_rayjob_manifest_fields():
+    import ray
+
+    job, docs = _rayjob()
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert "python -m raychat.train" in spec["entrypoint"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (workers,) = cluster["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    images = {c["image"] for g in [cluster["headGroupSpec"], workers] for c in g["template"]["spec"]["containers"]}
+    assert images == {f"rayproject/ray:{ray.__version__}-py311-gpu"}
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env["env_vars"], dict)
+    assert any(f"@v{_pyproject_version()}" in p for p in runtime_env["pip"])
+    # The wandb key only from a Secret, never inline.
+    assert "WANDB_API_KEY" not in spec["runtimeEnvYAML"]
+    for group in [cluster["headGroupSpec"], workers]:
+        for c in group["template"]["spec"]["containers"]:
+            key = [e for e in c["env"] if e["name"] == "WANDB_API_KEY"]
+            assert key and "value" not in key[0] and "secretKeyRef" in key[0]["valueFrom"]
+    # The shared RAYCHAT_BASE_DIR volume the manifest mounts is declared in the same file.
+    claims = {d["metadata"]["name"] for d in docs if d.get("kind") == "PersistentVolumeClaim"}
+    mounted = {v["persistentVolumeClaim"]["claimName"] for g in [cluster["headGroupSpec"], workers]
+               for v in g["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert mounted and mounted <= claims
+
+
+# ---- scripts ---------------------------------------------------------------------------------------
+
+
+def _speedrun_dry_run(**env):
+    full = {k: v for k, v in os.environ.items() if k not in ("BUCKET_URI", "WANDB_API_KEY", "RUN_NAME")}
+    full.update(env)
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts/speedrun.sh"), "--dry-run"], env=full,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _entrypoints(dry_run_stdout):
+    """The entrypoint argv of every `ray job submit ... -- ENTRYPOINT` line the dry run printed."""
+    out = []
+    for line in dry_run_stdout.splitlines():
+        if line.startswith("ray job submit"):
+            argv = shlex.split(line)
+            out.append(argv[argv.index("--") + 1:])
+    return out
+
+
+def test_speedrun_dry_run_follows_the_reference_order():
+    r = _speedrun_dry_run(BUCKET_URI="s3://my-bucket/raychat", WANDB_RUN="speedrun", WANDB_API_KEY="sekret-123")
+    assert r.returncode == 0, r.stderr
+    assert "sekret-123" not in r.stdout + r.stderr, "the wandb key must never be printed"
+    steps = [(argv[2], argv[3] if len(argv) > 3 else "") for argv in _entrypoints(r.stdout)]
+    assert steps == [("raychat.data", "download"), ("raychat.data", "download"), ("scripts.tok_train", "--data-dir"),
+                     ("raychat.train", "--run=speedrun"), ("raychat.eval", "--run-name=speedrun-d24")]
+    lines = r.stdout.splitlines()
+    wait = next(i for i, ln in enumerate(lines) if ln.startswith("ray job logs --follow data-all"))
+    train = next(i for i, ln in enumerate(lines) if "raychat.train" in ln)
+    assert wait < train, "training must wait for the full download"
+    train_argv = _entrypoints(r.stdout)[3]
+    for flag in ["--depth=24", "--target-param-data-ratio=12", "--device-batch-size=16", "--num-workers=8",
+                 "--storage-path=s3://my-bucket/raychat/runs", "--data-dir=s3://my-bucket/raychat/base_data"]:
+        assert flag in train_argv
+
+
+@pytest.mark.parametrize("bucket,message", [(None, "set BUCKET_URI"), ("/local/dir", "must start with s3://")])
+def test_speedrun_refuses_storage_other_nodes_cannot_see(bucket, message):
+    env = {"BUCKET_URI": bucket} if bucket else {}
+    full = {k: v for k, v in os.environ.items() if k != "BUCKET_URI"}
+    full.update(env)
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts/speedrun.sh")], env=full, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, (r.returncode, r.stderr)
+
+
+def test_rayjob_runs_the_same_training_command_as_speedrun():
+    job, _ = _rayjob()
+    r = _speedrun_dry_run(BUCKET_URI="s3://CHANGE_ME_BUCKET/raychat", WANDB_RUN="speedrun")
+    assert r.returncode == 0, r.stderr
+    speedrun = {argv[2]: argv for argv in _entrypoints(r.stdout) if argv[2] in ("raychat.train", "raychat.eval")}
+    k8s = {argv[2]: argv for argv in (shlex.split(c) for c in _python_commands(job["spec"]["entrypoint"]))
+           if argv[2] in ("raychat.train", "raychat.eval")}
+    assert k8s == speedrun
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_scripts_pass_bash_n(script):
+    r = subprocess.run(["bash", "-n", os.path.join(ROOT, script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_scripts_pass_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    r = subprocess.run(["shellcheck", os.path.join(ROOT, script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---- every documented command parses -----------------------------------------------------------------
+
+# Example values for shell variables in the scripts and docs (anything else becomes "example").
+_EXAMPLES = {"BUCKET_URI": "s3://my-bucket/raychat", "DATA_DIR": "s3://my-bucket/raychat/base_data",
+             "STORAGE": "s3://my-bucket/raychat/runs", "RUN_NAME": "example-run", "WANDB_RUN": "dummy",
+             "NUM_SHARDS": "370", "RAYCHAT_BASE_DIR": "/tmp/raychat"}
+_SHELL_STOP = {"&&", "||", ";", "|", "&", "(", ")", ">", ">>", "<", "2>", ";;"}
+
+
+def _substitute(text):
+    text = re.sub(r"\$\{\w+:\+[^}]*\}", "", text)  # ${X:+...}: an optional flag, left out
+    text = re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: _EXAMPLES.get(m[1], m[2] or "example"), text)
+    return re.sub(r"\$(\w+)", lambda m: _EXAMPLES.get(m[1], "example"), text)
+
+
+def _python_commands(text):
+    """`python -m raychat...`/`python -m scripts...` commands in shell or markdown text, as strings."""
+    text = re.sub(r"\\\n\s*", " ", text)  # line continuations
+    found = []
+    for line in text.splitlines():
+        for m in re.finditer(r"python3? -m (?:raychat|scripts)\b", line):
+            rest = _substitute(line[m.start():]).split("`")[0]
+            lex = shlex.shlex(rest, posix=True, punctuation_chars=True)
+            lex.whitespace_split = True
+            argv = []
+            for tok in lex:
+                if tok in _SHELL_STOP or tok.startswith("#"):
+                    break
+                argv.append(tok)
+            found.append(shlex.join(argv))
+    return found
+
+
+def _documented_commands():
+    sources = SCRIPTS + ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                                          if f.endswith(".md")]
+    commands = {}
+    for src in sources:
+        if os.path.isfile(os.path.join(ROOT, src)):
+            for cmd in _python_commands(_read(src)):
+                commands.setdefault(cmd, src)
+    for cmd in _python_commands(_rayjob()[0]["spec"]["entrypoint"]):
+        commands.setdefault(cmd, RAYJOB)
+    return commands
+
+
+_COMMANDS = _documented_commands()
+
+
+def test_the_scripts_and_docs_document_every_cli():
+    modules = {shlex.split(c)[2] for c in _COMMANDS}
+    assert {"raychat.data", "scripts.tok_train", "raychat.train", "raychat.eval"} <= modules
+
+
+@pytest.mark.parametrize("command", sorted(_COMMANDS), ids=lambda c: c[:90])
+def test_documented_command_parses_with_dry_run(command, tmp_path):
+    argv = shlex.split(command)
+    module = argv[2]
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} does not exist yet (documented in {_COMMANDS[command]})")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAYCHAT_BASE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-m", module, *argv[3:], "--dry-run"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{command} --dry-run (from {_COMMANDS[command]}) exited {r.returncode}:\n{r.stderr[-3000:]}"

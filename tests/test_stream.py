@@ -1,0 +1,215 @@
+"""PackedStream / SlotDocuments on real parquet shards and a real tokenizer; Ray Data against inline."""
+import json
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raychat.data.shards import ShardError
+from raychat.data.stream import PackedStream, SlotDocuments, inspect_files, slot_schedule, val_stream
+from raychat.tokenizer import Tokenizer
+
+ROWS_PER_GROUP = 16
+ROW_GROUPS = [5, 3, 4]  # three shards of uneven size: slots get different numbers of row groups per file
+SMALL = dict(B=2, T=32, buffer_size=40, chunk_size=8)  # epochs in a few dozen batches
+
+
+@pytest.fixture(scope="module")
+def corpus(shakespeare_path, tmp_path_factory):
+    """(files, tokenizer_dir, texts by (file, rg, doc)): real shards cut from tinyshakespeare paragraphs."""
+    root = tmp_path_factory.mktemp("stream")
+    paras = re.split(r"\n\s*\n", open(shakespeare_path, encoding="utf-8").read())
+    tok = Tokenizer.train_from_iterator(iter(paras[:2000]), 300)
+    tok_dir = str(root / "tokenizer")
+    tok.save(tok_dir)
+    paras[3], paras[7] = "", "  \n "  # an empty and a whitespace-only document: kept, as the reference does
+    files, texts, at = [], {}, 0
+    for f, n_rg in enumerate(ROW_GROUPS):
+        docs = paras[at:at + n_rg * ROWS_PER_GROUP]
+        at += len(docs)
+        path = str(root / f"shard_{f:05d}.parquet")
+        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), path, row_group_size=ROWS_PER_GROUP)
+        files.append(path)
+        for i, text in enumerate(docs):
+            texts[(f, i // ROWS_PER_GROUP, i % ROWS_PER_GROUP)] = text
+    return files, tok_dir, texts
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+def assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for (xa, ya), (xb, yb) in zip(batches_a, batches_b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_batches_shape_bos_and_determinism(corpus):
+    files, tok_dir, _ = corpus
+    bos = Tokenizer.from_directory(tok_dir).get_bos_token_id()
+    a = take(PackedStream(files, tok_dir, backend="inline", **SMALL), 30)
+    b = take(PackedStream(files, tok_dir, backend="inline", **SMALL), 30)
+    assert_same(a, b)
+    for x, y in a:
+        assert x.shape == (2, 32) and y.shape == (2, 32) and x.dtype == y.dtype == torch.int64
+        assert (x[:, 0] == bos).all(), "every row starts with BOS"
+        assert torch.equal(x[:, 1:], y[:, :-1])
+    assert len({x.sum().item() for x, _ in a}) > 1  # not one batch repeated
+
+
+def test_slots_partition_documents_over_an_epoch(corpus):
+    """Each slot's epoch-1 documents are whole row groups s, s+S, ... of each file; slots are disjoint and
+    together hold every document exactly once, tokenized with BOS prepended, in stream order."""
+    files, tok_dir, texts = corpus
+    tok = Tokenizer.from_directory(tok_dir)
+    bos = tok.get_bos_token_id()
+    for num_slots in (1, 2, 3):
+        seen = {}
+        for slot in range(num_slots):
+            docs = SlotDocuments(files, tok_dir, slot, num_slots, backend="inline", chunk_size=5)
+            order = []
+            while True:
+                chunk = docs.next_chunk()
+                if docs.epoch > 1:
+                    break
+                assert 1 <= len(chunk) <= 5
+                for (item, d), tokens in chunk:
+                    _, path, rg = docs.locate(item)
+                    key = (files.index(path), rg, d)
+                    assert rg % num_slots == slot
+                    assert key not in seen, f"{key} read by slots {seen.get(key)} and {slot}"
+                    seen[key] = slot
+                    assert tokens.tolist() == tok.encode(texts[key], prepend=bos)
+                    order.append(key)
+            assert order == sorted(order), "files in order, row groups ascending, documents in order"
+        assert set(seen) == set(texts)
+    # the kept degenerate documents: BOS-only for "", BOS + whitespace tokens for whitespace
+    assert tok.encode(texts[(0, 0, 3)], prepend=bos) == [bos]
+    assert len(tok.encode(texts[(0, 0, 7)], prepend=bos)) > 1
+
+
+def test_resume_is_exact_everywhere(corpus):
+    """Resume after every batch of > 1 epoch equals the uninterrupted stream; the positions tried include
+    mid-row-group, a buffer spanning two files and one spanning two epochs. States survive JSON."""
+    files, tok_dir, _ = corpus
+    stream = PackedStream(files, tok_dir, slot=1, num_slots=2, backend="inline", **SMALL)
+    states, batches = [], []
+    while stream.epoch < 3:
+        states.append(json.loads(json.dumps(stream.state_dict())))
+        batches.append(next(stream))
+    mid_row_group = across_files = across_epochs = 0
+    probe = SlotDocuments(files, tok_dir, 1, 2, backend="inline")
+    for i in range(0, len(states) - 3):
+        s = states[i]
+        places = [probe.locate(k) for k, _ in s["buffer"]] + [probe.locate(s["item"])]
+        mid_row_group += s["doc"] > 0
+        across_files += len({(e, p) for e, p, _ in places}) > 1
+        across_epochs += len({e for e, _, _ in places}) > 1
+        resumed = PackedStream(files, tok_dir, slot=1, num_slots=2, state=s, backend="inline", **SMALL)
+        assert resumed.epoch == s["epoch"]
+        assert_same(take(resumed, 3), batches[i:i + 3])
+        assert resumed.state_dict() == states[i + 3]
+    assert mid_row_group and across_files and across_epochs, (mid_row_group, across_files, across_epochs)
+
+
+def test_resume_refuses_a_different_layout(corpus):
+    files, tok_dir, _ = corpus
+    stream = PackedStream(files, tok_dir, backend="inline", **SMALL)
+    take(stream, 3)
+    state = stream.state_dict()
+    with pytest.raises(ValueError, match="num_slots=1.*num_slots=2"):
+        PackedStream(files, tok_dir, slot=0, num_slots=2, state=state, backend="inline", **SMALL)
+    with pytest.raises(ValueError, match="files=.*same shards"):
+        PackedStream(files[:2], tok_dir, state=state, backend="inline", **SMALL)
+    with pytest.raises(ValueError, match="version 0 is not 1"):
+        PackedStream(files, tok_dir, state={**state, "version": 0}, backend="inline", **SMALL)
+
+
+def test_val_stream_restarts_and_wraps(corpus):
+    files, tok_dir, _ = corpus
+    val_file = files[1]  # 3 row groups: rank 1 of 2 gets one row group, so it wraps within a few batches
+    first = take(val_stream(val_file, tok_dir, 2, 32, rank=1, world_size=2, buffer_size=20, chunk_size=8), 12)
+    again = val_stream(val_file, tok_dir, 2, 32, rank=1, world_size=2, buffer_size=20, chunk_size=8)
+    assert_same(take(again, 12), first)
+    assert again.epoch > 2
+    other = take(val_stream(val_file, tok_dir, 2, 32, rank=0, world_size=2, buffer_size=20, chunk_size=8), 1)
+    assert not torch.equal(other[0][0], first[0][0])
+
+
+def test_ray_data_backend_matches_inline_and_resumes(corpus, ray_local):
+    """One Ray test (each pipeline start costs seconds): 2 actors, windows of 6 row groups so the epoch
+    boundary (item 7) falls inside the second window, then a resume mid-row-group with one more pipeline."""
+    files, tok_dir, _ = corpus
+    from ray.data import DataContext
+
+    inline = PackedStream(files, tok_dir, slot=0, num_slots=2, backend="inline", **SMALL)
+    expected, states = [], []
+    while inline.epoch < 2 or len(expected) < 40:
+        states.append(inline.state_dict())
+        expected.append(next(inline))
+    with PackedStream(files, tok_dir, slot=0, num_slots=2, backend="ray", actors=2, window=6, **SMALL) as ray_stream:
+        assert_same(take(ray_stream, len(expected)), expected)
+        assert ray_stream.state_dict() == inline.state_dict()
+    assert inline.state_dict()["item"] > 6, "the Ray stream crossed a window boundary"
+    assert DataContext.get_current().execution_options.preserve_order is False  # the global was left alone
+    i = max(i for i, s in enumerate(states) if s["doc"] > 0)
+    with PackedStream(files, tok_dir, slot=0, num_slots=2, state=json.loads(json.dumps(states[i])), backend="ray",
+                      window=6, **SMALL) as resumed:
+        assert_same(take(resumed, len(expected) - i), expected[i:])
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------------
+
+def test_bad_files_fail_before_any_work(corpus, tmp_path):
+    files, tok_dir, _ = corpus
+    with pytest.raises(ValueError, match="non-empty list"):
+        PackedStream([], tok_dir, 2, 32, backend="inline")
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(open(files[0], "rb").read()[:200])
+    no_text = tmp_path / "no_text.parquet"
+    pq.write_table(pa.table({"body": ["a", "b"]}), no_text)
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"\xff\xfe", b"ok"], pa.binary())}), binary)
+    missing = tmp_path / "missing.parquet"
+    for path, pattern in ((truncated, "truncated.parquet is not a readable parquet"),
+                          (no_text, "no_text.parquet has no `text` column"),
+                          (binary, "binary.parquet: column `text` has type binary"),
+                          (missing, "missing.parquet does not exist")):
+        with pytest.raises(ShardError, match=pattern):
+            PackedStream([files[0], str(path)], tok_dir, 2, 32, backend="ray")  # raises before Ray starts
+
+
+def test_bad_arguments(corpus, tmp_path):
+    files, tok_dir, _ = corpus
+    with pytest.raises(ValueError, match=r"slot=2 must be an integer in \[0, num_slots=2\)"):
+        PackedStream(files, tok_dir, 2, 32, slot=2, num_slots=2, backend="inline")
+    with pytest.raises(ValueError, match="slot 5 of num_slots=6 gets no row groups"):
+        PackedStream(files, tok_dir, 2, 32, slot=5, num_slots=6, backend="inline")
+    with pytest.raises(ValueError, match="backend='spark'"):
+        PackedStream(files, tok_dir, 2, 32, backend="spark")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.pkl"):
+        PackedStream(files, str(tmp_path), 2, 32, backend="inline")
+    with pytest.raises(ValueError, match="T=0"):
+        PackedStream(files, tok_dir, 2, 0, backend="inline")
+
+
+def test_null_document_is_an_error_naming_the_row_group(corpus, tmp_path):
+    _, tok_dir, _ = corpus
+    path = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": pa.array(["fine", None, "also fine"], pa.string())}), path)
+    stream = PackedStream([str(path)], tok_dir, 1, 8, backend="inline", buffer_size=2, chunk_size=2)
+    with pytest.raises(ShardError, match="nulls.parquet: row group 0, row 1 has a null `text`"):
+        next(stream)
+
+
+def test_schedule_and_inspect(corpus):
+    files, _, _ = corpus
+    assert inspect_files(files) == ROW_GROUPS
+    assert slot_schedule([5, 3, 4], 1, 2) == [(0, 1), (0, 3), (1, 1), (2, 1), (2, 3)]
+    assert slot_schedule([1, 1], 1, 2) == []
+    assert np.array_equal(np.array(slot_schedule([2], 0, 1)), np.array([(0, 0), (0, 1)]))
