@@ -210,7 +210,8 @@ def load_bundle(bundle_dir: str) -> list[CoreTask]:
         delimiter = entry.get("continuation_delimiter", " ")
         tasks.append(CoreTask(label, task_type, fewshot[0], str(delimiter), baselines[label],
                               str(entry["dataset_uri"])))
-    _check_against_table(tasks, config_path)
+    if dist_info()[0] == 0:  # one warning per difference, not one per worker
+        _check_against_table(tasks, config_path)
     return tasks
 
 
@@ -341,9 +342,8 @@ _RENDER = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema
 
 def _max_positions(model) -> int | None:
     """How many positions the model can embed: raychat's GPT precomputes rotary tables for 10 x T."""
-    for name in ("rotary_seq_len",):
-        if isinstance(getattr(model, name, None), int):
-            return getattr(model, name)
+    if isinstance(getattr(model, "rotary_seq_len", None), int):
+        return model.rotary_seq_len
     cos = getattr(model, "cos", None)
     if isinstance(cos, torch.Tensor) and cos.dim() >= 2:
         return cos.size(1)
@@ -377,6 +377,9 @@ def evaluate_example(idx: int, model, tokenizer, data: list[dict], device, task:
         rows = [r[c:] for r, c in zip(rows, crop)]
         starts = [s - c for s, c in zip(starts, crop)]
         ends = [e - c for e, c in zip(ends, crop)]
+        if min(starts) < 1:
+            raise ValueError(f"task {task.label!r} example {idx}: cropping to the model's max_seq_len={max_len} "
+                             "cuts into the scored tokens; use a model with a longer context")
     longest = max(len(r) for r in rows)
     limit = _max_positions(model)
     if limit is not None and longest > limit:

@@ -135,7 +135,8 @@ class Engine:
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
             logits = self.model(ids, kv_cache=cache)[:, -1, :]
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+    def generate_batch(self, tokens: list[int], num_samples: int = 1,
+                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Non-streaming generate: (sequences, masks), each sequence = prompt + its generated tokens.
 
         A stop token (<|assistant_end|>, <|bos|>) ends its row and is not appended. Prompt positions carry

@@ -57,6 +57,13 @@ def _all_ranks_agree(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def _record(series: list, step: int, value: float) -> None:
+    """Append (step, value); a resumed run re-evaluates its resume step, which replaces the saved entry."""
+    while series and series[-1][0] >= step:
+        series.pop()
+    series.append([step, value])
+
+
 def _inject_failure(cfg: TrainConfig, rank: int, step: int) -> None:
     """Fault injection for the recovery tests: rank 0 dies hard once, at the start of step `step`."""
     from raychat.session import run_dir
@@ -184,15 +191,17 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
         # --- val bpb (spec §1.3 item 2), all ranks ---
         if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
             model.eval()
+            # A fresh stream each time, so every evaluation sees the same batches. Tokenized inline: it is
+            # small (eval_tokens / world) and starting an actor pool per evaluation would cost more.
             val_stream = PackedStream([val_file], cfg.tokenizer_dir, B, T, slot=rank, num_slots=world_size,
-                                      backend=cfg.data_backend, actors=cfg.data_actors)
+                                      backend="inline")
             val_batches = ((vx.to(device), vy.to(device)) for vx, vy in val_stream)
             with autocast_ctx:
                 val_bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
             val_stream.close()
             log(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
             min_val_bpb = min(min_val_bpb, val_bpb)
-            history["val_bpb"].append([step, val_bpb])
+            _record(history["val_bpb"], step, val_bpb)
             wandb_run.log({"step": step, "total_training_flops": flops_so_far,
                            "total_training_time": total_training_time, "val/bpb": val_bpb})
             metrics["val_bpb"] = val_bpb
@@ -207,7 +216,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
                                          bundle_dir=os.path.join(cfg.base_dir, "eval_bundle"), autocast_ctx=autocast_ctx)
             core_metric = core_results["core_metric"]
             log(f"Step {step:05d} | CORE metric: {core_metric:.4f}")
-            history["core_metric"].append([step, core_metric])
+            _record(history["core_metric"], step, core_metric)
             wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core_metric,
                            "centered_results": core_results["centered_results"]})
             metrics["core_metric"] = core_metric

@@ -65,4 +65,4 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
     nats, nbytes = total_nats.item(), total_bytes.item()
     if nbytes == 0:
         return float("inf")
-    return nats / (nbytes)
+    return nats / (math.log(2) * nbytes)

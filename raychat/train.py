@@ -48,7 +48,24 @@ def preflight(cfg: TrainConfig):
         from raychat.core_eval import download_eval_bundle
 
         download_eval_bundle(base_dir=cfg.base_dir)
-    return plan, len(train_files)
+    return plan
+
+
+def _vocab_size_if_present(cfg: TrainConfig) -> int:
+    from raychat.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_directory(cfg.tokenizer_dir).get_vocab_size()
+    except (FileNotFoundError, OSError):
+        return 32768  # the reference tokenizer's size
+
+
+def _print_plan(cfg: TrainConfig, plan) -> int:
+    print(f"Run {cfg.run_name}: {plan.num_iterations} steps, {cfg.num_workers} worker(s) x "
+          f"{plan.grad_accum_steps} accumulation step(s), storage {cfg.storage_path}")
+    for line in plan.lines:
+        print("  " + line)
+    return 0
 
 
 def init_ray(cfg: TrainConfig):
@@ -90,6 +107,9 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
     use_gpu = cfg.use_gpu == "true"
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    # Worker prints go straight to stdout (Train's print patch would echo every line twice here), and the
+    # step line is the progress report: no Ray Data progress bars for the internal token streams.
+    env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "fit_id": fit_id or uuid.uuid4().hex},
@@ -110,17 +130,15 @@ def main(argv=None) -> int:
         if cfg.run_name is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg = dataclasses.replace(cfg, run_name=f"{cfg.tag}-{stamp}")
-        plan, num_train_files = preflight(cfg)
+        if cfg.dry_run:
+            # Parse and plan only: no data, tokenizer, storage or cluster is touched (the docs' commands are
+            # checked this way). The vocabulary comes from the tokenizer when one is present.
+            return _print_plan(cfg, derive(cfg, _vocab_size_if_present(cfg), cfg.num_workers))
+        plan = preflight(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Run {cfg.run_name}: {plan.num_iterations} steps, {cfg.num_workers} worker(s) x "
-          f"{plan.grad_accum_steps} accumulation step(s), {num_train_files} train shard(s), "
-          f"storage {cfg.storage_path}")
-    for line in plan.lines:
-        print("  " + line)
-    if cfg.dry_run:
-        return 0
+    _print_plan(cfg, plan)
 
     init_ray(cfg)
     try:
@@ -128,7 +146,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = build_trainer(cfg).fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        result = build_trainer(cfg).fit()
+    except TrainingFailedError as e:
+        print(f"error: training failed after {cfg.max_failures} automatic restart(s): {e}\n"
+              f"Checkpoints are kept: rerun the same command (--run-name {cfg.run_name}) to resume.", file=sys.stderr)
+        return 1
     metrics = result.metrics or {}
     if metrics.get("stopped"):
         print(f"error: training stopped: {metrics['stopped']}", file=sys.stderr)

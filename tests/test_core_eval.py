@@ -218,6 +218,19 @@ def test_sequence_beyond_rotary_length_is_a_clear_error(tok):
         evaluate_example(0, model, tok, [item], "cpu", task("language_modeling", label="lm"))
 
 
+def test_models_with_max_seq_len_see_the_last_tokens_only(tok):
+    """The reference's path for fixed-context models (HF GPT-2): keep the last max_seq_len tokens."""
+    item = {"query": "one two three four five six seven", "choices": [" eight", " nine"], "gold": 0}
+    full = tok.encode(render_prompts_mc(item, " ", []), prepend=tok.get_bos_token_id())
+    model = Recorder(tok.get_vocab_size())
+    model.max_seq_len = 4
+    evaluate_example(0, model, tok, [item], "cpu", task("multiple_choice"))
+    assert [r[:4] for r in model.inputs[0].tolist()] == [r[-4:] for r in full] and model.inputs[0].shape[1] == 4
+    model.max_seq_len = 1
+    with pytest.raises(ValueError, match="max_seq_len=1 cuts into the scored tokens"):
+        evaluate_example(0, model, tok, [item], "cpu", task("multiple_choice"))
+
+
 def test_centered_score():
     assert centered_score(0.25, 25.0) == pytest.approx(0.0)
     assert centered_score(1.0, 62.0) == pytest.approx(1.0)

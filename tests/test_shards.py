@@ -140,7 +140,8 @@ class ShardServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/shard_{{i:05d}}.parquet"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
         self.thread.start()
 
     def body(self, index):
@@ -198,7 +199,6 @@ def test_download_dropped_connection_leaves_nothing(server, tmp_path):
     summary = fetch(server, data, max_attempts=3)
     assert set(summary.failed) == {1, 2} and summary.fetched == [0, 1822]
     assert "shard_00001.parquet: 3 attempts failed" in summary.failed[1], summary.failed[1]
-    print(summary.failed)
     assert "not a readable parquet" in summary.failed[2]  # bad files are validated, deleted, retried
     assert server.requests[1] == 3 and server.requests[2] == 3
     assert sorted(os.listdir(data)) == ["shard_00000.parquet", "shard_01822.parquet"]  # no .tmp, no partial

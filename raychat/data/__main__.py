@@ -16,7 +16,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     d = sub.add_parser("download", help="download FineWeb-Edu shards (always includes the val shard)")
     d.add_argument("-n", "--num-shards", type=int, default=-1,
-                   help=f"download shards 0..N-1 plus the val shard {shards.VAL_SHARD_INDEX} (-1 = all {shards.NUM_SHARDS})")
+                   help=f"download shards 0..N-1 plus the val shard {shards.VAL_SHARD_INDEX} "
+                        f"(-1 = all {shards.NUM_SHARDS})")
     d.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
     d.add_argument("--data-dir", default=None, help="destination directory or URI (default <base>/base_data)")
     d.add_argument("--base-url", default=shards.BASE_URL, help="URL pattern with {i:05d} for the shard index")
