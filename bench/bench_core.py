@@ -1,5 +1,6 @@
 """A whole training step (forward + backward + MuonAdamW) of small GPTs: fp32 orthogonalisation (raychat's
-CPU default) against bf16 orthogonalisation (the reference's maths, §3.2 QUIRK), measured in one run.
+fallback on CPUs without native bf16 matmuls) against bf16 orthogonalisation (the reference's maths, §3.2
+QUIRK, and the default where bf16 is native), measured in one run.
 
 For each depth and each ortho dtype a fresh spawned process builds the model (seed 0), trains `--steps` steps
 on the same batches (tinyshakespeare bytes as tokens when ../shared/data has it, else seeded random tokens)
@@ -114,7 +115,10 @@ def main(argv=None):
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup={args.warmup} must be in [0, --steps={args.steps})")
     settings = {k: v for k, v in vars(args).items() if k not in ("dry_run", "json")}
+    from raychat.optim import default_ortho_dtype
+
     print(f"settings: {json.dumps(settings)} torch={torch.__version__} "
+          f"default_ortho_dtype(cpu)={default_ortho_dtype('cpu')} "
           f"data={'tinyshakespeare bytes' if os.path.exists(SHAKESPEARE) else 'random tokens'}")
     if args.dry_run:
         return 0

@@ -126,7 +126,8 @@ def _free_port() -> int:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=11, help="items per task (>= 11: ten-shot tasks need 10 others)")
+    parser.add_argument("--examples", type=int, default=11,
+                        help="items per task (>= 11: ten-shot tasks need 10 others)")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
     parser.add_argument("--tokenizer-vocab", type=int, default=4096, help="vocab of the tokenizer trained here")
     parser.add_argument("--dry-run", action="store_true", help="print the settings and exit")

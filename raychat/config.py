@@ -11,6 +11,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
+# Fault-injection kinds for the reliability tests (docs/RELIABILITY.md, raychat.loop._inject_failure).
+DEBUG_FAIL_KINDS = ("exit", "kill", "kill-in-checkpoint", "nan")
+
 # The batch size (tokens) at which the reference tuned its learning rates (spec §1.1 item 8).
 REFERENCE_BATCH = 2**19
 
@@ -68,7 +71,9 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop|skip: what a non-finite loss does
     profile: bool = False  # write a torch profiler trace of a few steps
     dry_run: bool = False  # validate, print the plan, exit before any work
-    debug_fail_at_step: int = -1  # fault injection for tests: rank 0 exits hard once at this step
+    debug_fail_at_step: int = -1  # fault injection for tests (docs/RELIABILITY.md): the step
+    debug_fail_kind: str = "exit"  # exit|kill|kill-in-checkpoint|nan: what happens at that step
+    debug_fail_rank: int = 0  # the rank it happens on
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -102,6 +107,9 @@ class TrainConfig:
         need(self.data_backend in ("ray", "inline"), "data_backend", "must be ray or inline")
         need(self.data_actors >= 1, "data_actors", "must be >= 1")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", "must be stop or skip")
+        need(self.debug_fail_kind in DEBUG_FAIL_KINDS, "debug_fail_kind", f"must be one of {DEBUG_FAIL_KINDS}")
+        need(0 <= self.debug_fail_rank < self.num_workers, "debug_fail_rank",
+             f"must name a rank in [0, --num-workers={self.num_workers})")
         need(self.run_name is None or (self.run_name and "/" not in self.run_name), "run_name",
              "must be a non-empty name without '/'")
 
@@ -188,7 +196,11 @@ _HELP = {
     "nan_policy": "stop|skip: on a non-finite loss, stop naming the step, or skip that update",
     "profile": "write a PyTorch profiler trace of a few steps into the run directory",
     "dry_run": "validate flags and data, print the plan, and exit without training",
-    "debug_fail_at_step": "testing only: rank 0 exits hard (os._exit) once at the start of this step",
+    "debug_fail_at_step": "testing only: inject a fault (--debug-fail-kind) at this step",
+    "debug_fail_kind": "testing only: exit = os._exit(1) at the start of the step; kill = SIGKILL between backward "
+                       "and optimizer step; kill-in-checkpoint = SIGKILL after writing the step's checkpoint files "
+                       "locally, before they are persisted; nan = that step's loss becomes NaN (every run)",
+    "debug_fail_rank": "testing only: the rank the fault happens on",
 }
 
 

@@ -163,6 +163,9 @@ def load_bundle(bundle_dir: str) -> list[CoreTask]:
     """
     import yaml
 
+    if not os.path.isdir(bundle_dir):
+        raise FileNotFoundError(f"no eval bundle at {bundle_dir}: fetch it with download_eval_bundle(base_dir), "
+                                "or call evaluate_core with bundle_dir=None to download on first use")
     config_path = os.path.join(bundle_dir, "core.yaml")
     meta_path = os.path.join(bundle_dir, "eval_meta_data.csv")
     for path in (config_path, meta_path):

@@ -7,6 +7,7 @@ spec §1.3. Ray appears only through the session (resume checkpoint at the top, 
 import gc
 import math
 import os
+import signal
 import time
 import uuid
 from contextlib import nullcontext
@@ -64,21 +65,28 @@ def _record(series: list, step: int, value: float) -> None:
     series.append([step, value])
 
 
-def _inject_failure(cfg: TrainConfig, rank: int, step: int) -> None:
-    """Fault injection for the recovery tests: rank 0 dies hard once, at the start of step `step`."""
+def _inject_failure(cfg: TrainConfig, rank: int, step: int, phase: str) -> None:
+    """Fault injection for the reliability tests (docs/RELIABILITY.md): once per run (a marker file in the run
+    directory), rank --debug-fail-rank dies at step --debug-fail-at-step in the phase --debug-fail-kind names:
+    `exit` os._exit(1) at the start of the step; `kill` SIGKILL between backward and the optimizer step;
+    `kill-in-checkpoint` SIGKILL after writing its checkpoint files locally, before they are persisted."""
+    if (cfg.debug_fail_at_step, cfg.debug_fail_kind, cfg.debug_fail_rank) != (step, phase, rank):
+        return
     from raychat.session import run_dir
 
     marker = os.path.join(run_dir(cfg), f".injected_failure_step{step}")
-    if rank == 0 and not os.path.exists(marker):
+    if not os.path.exists(marker):
         open(marker, "w").close()
-        print(f"Injected failure: rank 0 exits at step {step}", flush=True)
-        os._exit(1)
+        print(f"Injected failure: rank {rank} dies ({phase}) at step {step}", flush=True)
+        if phase == "exit":
+            os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
     """Train one worker's share. Returns the final metrics (rank 0's are the run's)."""
     from raychat.data.shards import split_shards
-    from raychat.data.stream import PackedStream
+    from raychat.data.stream import PackedStream, val_stream
     from raychat.engine import Engine
     from raychat.loss_eval import evaluate_bpb
     from raychat.model import GPT, GPTConfig
@@ -191,14 +199,11 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
         # --- val bpb (spec §1.3 item 2), all ranks ---
         if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
             model.eval()
-            # A fresh stream each time, so every evaluation sees the same batches. Tokenized inline: it is
-            # small (eval_tokens / world) and starting an actor pool per evaluation would cost more.
-            val_stream = PackedStream([val_file], cfg.tokenizer_dir, B, T, slot=rank, num_slots=world_size,
-                                      backend="inline")
-            val_batches = ((vx.to(device), vy.to(device)) for vx, vy in val_stream)
-            with autocast_ctx:
-                val_bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
-            val_stream.close()
+            # A fresh stream each time, so every evaluation sees the same batches (tokenized inline: it is
+            # small, and starting an actor pool per evaluation would cost more).
+            with val_stream(val_file, cfg.tokenizer_dir, B, T, rank, world_size) as val_batches, autocast_ctx:
+                val_bpb = evaluate_bpb(model, ((vx.to(device), vy.to(device)) for vx, vy in val_batches),
+                                       eval_steps, token_bytes)
             log(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
             min_val_bpb = min(min_val_bpb, val_bpb)
             _record(history["val_bpb"], step, val_bpb)
@@ -209,11 +214,11 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
 
         # --- CORE (item 3), all ranks; never at step 0 ---
         if cfg.core_metric_every > 0 and (last_step or (step > 0 and step % cfg.core_metric_every == 0)):
-            from raychat.core_eval import evaluate_core
+            from raychat.core_eval import download_eval_bundle, evaluate_core
 
             model.eval()
             core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=cfg.core_metric_max_per_task,
-                                         bundle_dir=os.path.join(cfg.base_dir, "eval_bundle"), autocast_ctx=autocast_ctx)
+                                         bundle_dir=download_eval_bundle(cfg.base_dir), autocast_ctx=autocast_ctx)
             core_metric = core_results["core_metric"]
             log(f"Step {step:05d} | CORE metric: {core_metric:.4f}")
             _record(history["core_metric"], step, core_metric)
@@ -256,6 +261,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
                 ckpt_files.save_rank_files(checkpoint_dir, rank, optimizer.state_dict(), data_state_for_checkpoint(),
                                            model_state=orig_model.state_dict() if master else None,
                                            meta=meta if master else None)
+                _inject_failure(cfg, rank, step, "kill-in-checkpoint")
             session.report(metrics, checkpoint_dir, step)
 
         if last_step:
@@ -264,11 +270,19 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
         # --- one training step (item 7) ---
         synchronize()
         t0 = time.time()
+        finite = torch.ones((), dtype=torch.bool, device=device)
         for micro_step in range(A):
             with autocast_ctx:
                 loss = model(x, y)
+            if cfg.debug_fail_kind == "nan" and (step, micro_step, rank) == (cfg.debug_fail_at_step, 0, cfg.debug_fail_rank):
+                loss = loss * float("nan")  # fault injection (docs/RELIABILITY.md), on every run with the flag
             train_loss = loss.detach()  # QUIRK kept: the logged loss is rank 0's last micro-batch (spec §1.3)
+            # Every micro-batch counts for the NaN check, not only the logged last one: one non-finite
+            # micro-batch poisons the accumulated gradient. A device tensor, so no sync per micro-step.
+            finite &= torch.isfinite(train_loss)
             (loss / A).backward()
+            if micro_step == 0:
+                _inject_failure(cfg, rank, step, "kill")
             nxt = (micro_step + 1) % A
             if nxt == 0:
                 held_state = streams[0].state_dict()
@@ -279,9 +293,9 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
                 group["weight_decay"] = muon_weight_decay(step, N, plan.weight_decay_scaled)
-        non_finite = _all_ranks_agree(not torch.isfinite(train_loss).item(), device)
+        non_finite = _all_ranks_agree(not finite.item(), device)
         if non_finite and cfg.nan_policy == "stop":
-            stopped_reason = f"loss became {train_loss.item()} at step {step}; the last checkpoint is intact"
+            stopped_reason = f"loss became non-finite at step {step}; the last checkpoint is intact"
             log(f"ERROR: {stopped_reason}. Stopping (use --nan-policy skip to skip such steps).")
             break
         if non_finite:
@@ -322,8 +336,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
             gc.disable()
         elif step % 5000 == 0:
             gc.collect()
-        if cfg.debug_fail_at_step == step:
-            _inject_failure(cfg, rank, step)
+        _inject_failure(cfg, rank, step, "exit")
 
     for st in streams:
         st.close()

@@ -14,9 +14,10 @@ not recompile them. On CUDA the kernels are `torch.compile(dynamic=False, fullgr
 reference; on CPU they run eagerly (see COMPILE_KERNELS).
 
 Precision (§3.2 QUIRK, §5). The reference runs Polar Express in bf16 and then casts beta2, lr and wd to the
-result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype` reproduces that on CUDA (the default there). On CPU
-bf16 matmuls are emulated and ~20x slower than fp32 (measured: 95% of a d4 step, docs/bench/core.md), so
-the CPU default is fp32 orthogonalisation, in which beta2/lr/wd are exact. Everything else is identical.
+result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype=None` reproduces that wherever bf16 matmuls are
+native: on CUDA, and on CPUs where torch runs bf16 matmuls through oneDNN (AVX512 / AMX / ARM bf16; there
+bf16 Polar Express is 4-10x *faster* than fp32, docs/bench/core.md). On other CPUs bf16 is emulated, ~20x
+slower (95% of a d4 step), so there it falls back to fp32 orthogonalisation, with exact beta2/lr/wd.
 """
 import functools
 import math
@@ -120,6 +121,25 @@ def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_
     params.sub_(lr * g + lr * wd * params * mask)
 
 
+def default_ortho_dtype(device: torch.device | str) -> torch.dtype:
+    """The Polar Express dtype `ortho_dtype=None` picks: the reference's bf16 on CUDA, fp32 elsewhere.
+
+    On CPU the issue's rule is "fp32 unless asked otherwise": results then do not depend on whether a CPU
+    has native bf16 matmuls. Pass `ortho_dtype=torch.bfloat16` to get the reference's arithmetic on CPU
+    (faster where `cpu_has_fast_bf16()`, about 20x slower where bf16 is emulated; docs/BENCHMARKS.md).
+    """
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    # The check torch itself uses to route CPU bf16 matmuls to oneDNN (avx512bw/vl/dq or ARM bf16).
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @functools.cache
 def _kernels(device_type: str):
     """(adamw, muon) kernels for a device type: compiled where COMPILE_KERNELS says so, else eager."""
@@ -135,8 +155,9 @@ def _kernels(device_type: str):
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for the transformer matrices, AdamW for the rest (spec §3), on one process.
 
-    `ortho_dtype`: dtype of the Polar Express iteration. None picks bf16 for CUDA params (the reference's
-    behaviour, §3.2 QUIRK) and fp32 otherwise; torch.bfloat16 or torch.float32 forces one.
+    `ortho_dtype`: dtype of the Polar Express iteration. None picks per device with `default_ortho_dtype`
+    (bf16, the reference's behaviour, where bf16 matmuls are native; fp32 otherwise); torch.bfloat16 or
+    torch.float32 forces one.
     Muon state lives on each group's first param: momentum_buffer (K, rows, cols) in the param dtype and
     second_momentum_buffer (K, rows, 1) if rows >= cols else (K, 1, cols) in fp32. AdamW state per param:
     step (int), exp_avg, exp_avg_sq in the param dtype, created on the first step that has a gradient.
@@ -145,8 +166,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None):
         super().__init__(param_groups, defaults={})
         if ortho_dtype not in (None, torch.bfloat16, torch.float32):
-            raise ValueError(f"ortho_dtype={ortho_dtype} is not supported: pass None (bf16 on CUDA, fp32 "
-                             "elsewhere), torch.bfloat16 or torch.float32")
+            raise ValueError(f"ortho_dtype={ortho_dtype} is not supported: pass None (per device, see "
+                             "default_ortho_dtype), torch.bfloat16 or torch.float32")
         self.ortho_dtype = ortho_dtype
         for group in self.param_groups:
             _validate_group(group)
@@ -162,9 +183,7 @@ class MuonAdamW(torch.optim.Optimizer):
     # -- shared helpers (used by DistMuonAdamW too) --
 
     def _ortho_dtype_for(self, device: torch.device) -> torch.dtype:
-        if self.ortho_dtype is not None:
-            return self.ortho_dtype
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return self.ortho_dtype if self.ortho_dtype is not None else default_ortho_dtype(device)
 
     def _adamw_update(self, group: dict, p: Tensor, grad: Tensor, state: dict, p_view: Tensor) -> None:
         """AdamW on `p_view` (p itself, or this rank's dim-0 slice of it) with state held in `state`."""

@@ -82,6 +82,10 @@ class _Session:
             same_fit = [p for s, p in steps if s > cfg.resume_from_step and self._fit_id_of(p) == fit_id]
             newest_first = list(reversed(same_fit)) + explicit
         with _first_complete(newest_first, self.log) as d:
+            if d is None and cfg.resume_from_step >= 0:
+                # A fresh start would silently discard the step the user asked for.
+                raise RuntimeError(f"--resume-from-step {cfg.resume_from_step}: the checkpoint in {run_dir(cfg)} is "
+                                   "incomplete; pick another step of this run")
             yield d
 
     @staticmethod
@@ -123,8 +127,8 @@ class RayTrainSession(_Session):
 class LocalSession(_Session):
     """The same loop in the calling process, checkpoints copied into `{storage_path}/{run_name}/`."""
 
-    def __init__(self, cfg):
-        self.run_dir = run_dir(cfg)
+    def __init__(self, cfg=None):
+        self.run_dir = run_dir(cfg) if cfg is not None else None  # None: nothing to resume or save (eval)
         self.reports = []
 
     def device(self, device_type: str) -> torch.device:

@@ -26,9 +26,19 @@ def preflight(cfg: TrainConfig):
     from raychat import checkpoint as ckpt_files
     from raychat.data.shards import split_shards, validate_shard
     from raychat.session import _list_remote_steps, _first_complete, run_dir
-    from raychat.tokenizer import Tokenizer
+    from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
-    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
+    try:
+        tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # a truncated or foreign pickle raises UnpicklingError, EOFError, ...
+        raise ValueError(f"{os.path.join(cfg.tokenizer_dir, TOKENIZER_FILE)} cannot be loaded ({type(e).__name__}: "
+                         f"{e}): it is corrupt or not a tokenizer; retrain it with `python -m scripts.tok_train`") from e
+    # The workers read token_bytes.pt for bpb: missing, each would fail and be retried --max-failures times.
+    if not os.path.isfile(os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE)):
+        raise FileNotFoundError(f"{os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE)} is missing (bits per byte needs "
+                                "it); rerun `python -m scripts.tok_train`, which writes it beside tokenizer.pkl")
     train_files, val_file = split_shards(cfg.data_dir)
     for path in train_files[:1] + [val_file]:
         validate_shard(path)
@@ -36,11 +46,18 @@ def preflight(cfg: TrainConfig):
     if cfg.init_from_nanochat:
         ckpt_files.find_nanochat_step(cfg.init_from_nanochat)
     steps = _list_remote_steps(run_dir(cfg))
-    if cfg.resume_from_step >= 0 and cfg.resume_from_step not in [s for s, _ in steps]:
-        raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: run {run_dir(cfg)} has no such "
-                                f"checkpoint (found steps {[s for s, _ in steps]})")
-    if steps:
-        with _first_complete([p for _, p in reversed(steps)], print) as d:
+    candidates = [p for _, p in reversed(steps)]  # what a rerun resumes: the newest complete checkpoint
+    if cfg.resume_from_step >= 0:
+        candidates = [p for s, p in steps if s == cfg.resume_from_step]
+        if not candidates:
+            raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: run {run_dir(cfg)} has no such "
+                                    f"checkpoint (found steps {[s for s, _ in steps]})")
+    if candidates:
+        with _first_complete(candidates, print) as d:
+            if d is None and cfg.resume_from_step >= 0:
+                # Never fall back to a fresh start when a step was asked for (the workers refuse it too).
+                raise ValueError(f"--resume-from-step {cfg.resume_from_step}: checkpoint {candidates[0]} is "
+                                 "incomplete (see the warning above); pick another step of this run")
             if d is not None:
                 ckpt_files.check_compatible(ckpt_files.read_meta(d), plan.model_config, cfg.num_workers,
                                             plan.grad_accum_steps, d)

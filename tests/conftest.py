@@ -20,6 +20,8 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="raytmp"))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from raychat import checkpoint as ckpt_files  # noqa: E402
+
 torch.set_num_threads(1)
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -68,3 +70,53 @@ def tiny_tokenizer_dir(shakespeare_path, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny_tokenizer"))
     tokenizer.save(out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny training run shared by the training, reliability and export tests: 2 gloo workers, depth 2,
+# 16 steps, checkpoints every 4. `baseline` is the uninterrupted reference every resumed run must equal.
+
+STEPS = 16
+
+
+def tiny_args(data_dir, tok_dir, storage, name, *extra):
+    return ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
+            "--device-batch-size", "4", "--total-batch-size", "512", "--window-pattern", "SL",
+            "--num-iterations", str(STEPS), "--eval-every", "8", "--eval-tokens", "1024",
+            "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "4",
+            "--data-dir", data_dir, "--tokenizer-dir", tok_dir, "--storage-path", storage,
+            "--run-name", name, *extra]
+
+
+def final_state(run_dir):
+    steps = ckpt_files.list_step_dirs(run_dir)
+    step, path = steps[-1]
+    assert step == STEPS and ckpt_files.check_complete(path) is None
+    return torch.load(os.path.join(path, "model.pt"), weights_only=True), ckpt_files.read_meta(path)
+
+
+def assert_same_run(run_dir, baseline_dir):
+    state, meta = final_state(run_dir)
+    ref_state, ref_meta = final_state(baseline_dir)
+    for k in ref_state:
+        assert torch.equal(state[k], ref_state[k]), f"{k} differs from the uninterrupted run"
+    assert meta["history"]["train_loss"] == ref_meta["history"]["train_loss"]
+    assert meta["history"]["val_bpb"] == ref_meta["history"]["val_bpb"]
+
+
+@pytest.fixture(scope="session")
+def storage(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="session")
+def baseline(ray_local, tiny_data_dir, tiny_tokenizer_dir, storage):
+    """The uninterrupted 2-worker run, streaming tokens through Ray Data, with samples at the end."""
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "baseline", "--num-workers", "2",
+                     "--data-backend", "ray", "--sample-every", str(STEPS))
+    from raychat.train import main
+
+    assert main(args) == 0
+    return os.path.join(storage, "baseline")
+
+

@@ -321,8 +321,11 @@ def test_bundle_differing_from_the_table_warns_and_wins(bundle_dir):
     config = yaml.safe_load(open(path))
     config["icl_tasks"][0]["num_fewshot"] = [2]
     yaml.safe_dump(config, open(path, "w"))
-    with pytest.warns(UserWarning, match="'copa' has num_fewshot=2, the documented table says 0"):
+    with pytest.warns(UserWarning) as record:
         tasks = load_bundle(bundle_dir)
+    messages = [str(w.message) for w in record]
+    assert any("'copa' has num_fewshot=2, the documented table says 0; using the bundle's value" in m
+               for m in messages), messages
     assert tasks[0].num_fewshot == 2
 
 
@@ -339,6 +342,11 @@ def test_malformed_core_yaml_names_the_task(bundle_dir, edit, message):
     yaml.safe_dump(config, open(path, "w"))
     with pytest.raises(ValueError, match=message):
         load_bundle(bundle_dir)
+
+
+def test_missing_bundle_says_how_to_fetch_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no eval bundle at .*download_eval_bundle\(base_dir\)"):
+        load_bundle(str(tmp_path / "eval_bundle"))
 
 
 def test_unparseable_core_yaml_names_the_file(bundle_dir):

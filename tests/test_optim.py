@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raychat.optim import POLAR_EXPRESS_COEFFS, DistMuonAdamW, MuonAdamW, polar_express
+from raychat.optim import POLAR_EXPRESS_COEFFS, DistMuonAdamW, MuonAdamW, default_ortho_dtype, polar_express
 
 BETAS = (0.8, 0.95)
 
@@ -199,6 +199,12 @@ def test_bf16_ortho_agrees_with_fp32():
         assert 1e-3 < rel < 0.08, rel
         cosine = (u32 * u16).sum() / (torch.linalg.matrix_norm(u32) * torch.linalg.matrix_norm(u16))
         assert cosine > 0.995, cosine
+
+
+def test_default_ortho_dtype_is_bf16_on_cuda_only():
+    assert default_ortho_dtype("cuda") == torch.bfloat16  # the reference's bf16 Polar Express
+    assert default_ortho_dtype("mps") == torch.float32
+    assert default_ortho_dtype("cpu") == torch.float32  # CPU: fp32 unless asked, whatever the CPU supports
 
 
 def test_state_dict_round_trip_single_process():

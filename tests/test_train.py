@@ -1,6 +1,6 @@
 """End-to-end training on a real local Ray: 2 gloo workers, a tiny model, tinyshakespeare shards.
 
-One uninterrupted run (module fixture) is the reference every resumed run must equal, tensor for tensor.
+One uninterrupted run (the `baseline` fixture in conftest.py) is the reference every resumed run must equal, tensor for tensor.
 """
 import os
 import shutil
@@ -8,51 +8,11 @@ import shutil
 import pytest
 import torch
 
+from conftest import STEPS, assert_same_run, final_state, tiny_args
 from raychat import checkpoint as ckpt_files
 from raychat.train import main
 
 pytestmark = pytest.mark.slow
-
-STEPS = 16
-
-
-def tiny_args(data_dir, tok_dir, storage, name, *extra):
-    return ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-            "--device-batch-size", "4", "--total-batch-size", "512", "--window-pattern", "SL",
-            "--num-iterations", str(STEPS), "--eval-every", "8", "--eval-tokens", "1024",
-            "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "4",
-            "--data-dir", data_dir, "--tokenizer-dir", tok_dir, "--storage-path", storage,
-            "--run-name", name, *extra]
-
-
-def final_state(run_dir):
-    steps = ckpt_files.list_step_dirs(run_dir)
-    step, path = steps[-1]
-    assert step == STEPS and ckpt_files.check_complete(path) is None
-    return torch.load(os.path.join(path, "model.pt"), weights_only=True), ckpt_files.read_meta(path)
-
-
-def assert_same_run(run_dir, baseline_dir):
-    state, meta = final_state(run_dir)
-    ref_state, ref_meta = final_state(baseline_dir)
-    for k in ref_state:
-        assert torch.equal(state[k], ref_state[k]), f"{k} differs from the uninterrupted run"
-    assert meta["history"]["train_loss"] == ref_meta["history"]["train_loss"]
-    assert meta["history"]["val_bpb"] == ref_meta["history"]["val_bpb"]
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("runs"))
-
-
-@pytest.fixture(scope="module")
-def baseline(ray_local, tiny_data_dir, tiny_tokenizer_dir, storage):
-    """The uninterrupted 2-worker run, streaming tokens through Ray Data, with samples at the end."""
-    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "baseline", "--num-workers", "2",
-                     "--data-backend", "ray", "--sample-every", str(STEPS))
-    assert main(args) == 0
-    return os.path.join(storage, "baseline")
 
 
 def test_end_to_end_two_workers(baseline):

@@ -1,0 +1,234 @@
+"""`python -m raychat.eval`: evaluate a base model checkpoint (the reference's scripts/base_eval).
+
+    python -m raychat.eval --run-name d24-speedrun [--step N]     # a raychat run under --storage-path
+    python -m raychat.eval --checkpoint DIR                        # one raychat checkpoint directory
+    python -m raychat.eval --nanochat DIR [--step N]               # a nanochat base_checkpoints/<tag> dir
+
+It measures CORE (spec §10.2), bits per byte on the train and val splits (§10.1) and draws samples (the
+seven greedy prompts plus unconditioned samples at temperature 1), on `--num-workers` Ray Train workers that
+split the examples and reduce the results. Results go beside the checkpoint as eval.json and eval.md.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import nullcontext
+
+import torch
+
+from raychat import checkpoint as ckpt_files
+from raychat.common import autodetect_device_type, get_base_dir
+
+EVALS = ("core", "bpb", "sample")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a raychat or nanochat base model: CORE, bpb, samples")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-name", help="a raychat run under --storage-path (its newest complete checkpoint)")
+    src.add_argument("--checkpoint", help="a raychat checkpoint directory (step_XXXXXX)")
+    src.add_argument("--nanochat", help="a nanochat checkpoint directory holding model_XXXXXX.pt + meta_XXXXXX.json")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--storage-path", default=None, help="where runs live (default <base>/runs)")
+    p.add_argument("--eval", default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
+    p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per bpb batch per worker")
+    p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    p.add_argument("--base-dir", default=None, help="base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)")
+    p.add_argument("--data-dir", default=None, help="shard directory (default <base>/base_data)")
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default <base>/tokenizer)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers that split the work")
+    p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"])
+    p.add_argument("--out-dir", default=None, help="where eval.json/eval.md go (default: beside the checkpoint)")
+    p.add_argument("--dry-run", action="store_true", help="validate the arguments, print them, exit")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    unknown = set(args.eval.split(",")) - set(EVALS)
+    if unknown:
+        raise ValueError(f"--eval {args.eval!r}: unknown evaluation(s) {sorted(unknown)}; choose from {EVALS}")
+    if args.num_workers < 1:
+        raise ValueError(f"--num-workers {args.num_workers}: must be at least 1")
+    if args.device_batch_size < 1 or args.split_tokens < 1:
+        raise ValueError("--device-batch-size and --split-tokens must be positive")
+    base = get_base_dir(args.base_dir) if not args.dry_run else (args.base_dir or "<base>")
+    args.base_dir = base
+    args.data_dir = args.data_dir or os.path.join(base, "base_data")
+    args.tokenizer_dir = args.tokenizer_dir or os.path.join(base, "tokenizer")
+    args.storage_path = args.storage_path or os.path.join(base, "runs")
+    for name in ("data_dir", "tokenizer_dir", "storage_path", "checkpoint", "nanochat", "out_dir"):
+        value = getattr(args, name)
+        if value and "://" not in value and not args.dry_run:
+            setattr(args, name, os.path.abspath(value))
+    return args
+
+
+def resolve_checkpoint(args) -> tuple[str, str]:
+    """(kind, directory): 'raychat' with a step_XXXXXX directory or 'nanochat' with its directory."""
+    if args.nanochat:
+        return "nanochat", args.nanochat
+    if args.checkpoint:
+        return "raychat", args.checkpoint
+    run_dir = os.path.join(args.storage_path, args.run_name)
+    steps = ckpt_files.list_step_dirs(run_dir)
+    if args.step is not None:
+        steps = [(s, p) for s, p in steps if s == args.step]
+    for _, path in reversed(steps):
+        if ckpt_files.check_complete(path) is None:
+            return "raychat", path
+    raise FileNotFoundError(f"no complete checkpoint{'' if args.step is None else f' at step {args.step}'} in "
+                            f"{run_dir}; list the run with `ls {run_dir}`")
+
+
+def load_model(kind: str, directory: str, step, device):
+    """(model, meta) in eval mode on `device`."""
+    from raychat.model import GPT, GPTConfig
+
+    if kind == "nanochat":
+        state, meta = ckpt_files.load_nanochat_model(directory, step, device=device)
+    else:
+        state = torch.load(os.path.join(directory, ckpt_files.MODEL_FILE), map_location=device, weights_only=True)
+        meta = ckpt_files.read_meta(directory)
+    if device.type != "cuda":
+        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # computes the rotary buffers; the weights come from the checkpoint
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    return model, meta
+
+
+def evaluate(args, session) -> dict:
+    """Run the requested evaluations on this worker's share; rank 0 writes the results. Returns them."""
+    from raychat.core_eval import download_eval_bundle, evaluate_core
+    from raychat.data.shards import split_shards
+    from raychat.data.stream import PackedStream, val_stream
+    from raychat.engine import Engine
+    from raychat.loop import SAMPLE_PROMPTS
+    from raychat.loss_eval import evaluate_bpb
+    from raychat.tokenizer import TOKEN_BYTES_FILE, Tokenizer
+
+    rank, world = session.rank, session.world_size
+    device_type = args.device_type or autodetect_device_type()
+    device = session.device(device_type)
+    autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    kind, directory = resolve_checkpoint(args)
+    model, meta = load_model(kind, directory, args.step, device)
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
+    if tokenizer.get_vocab_size() != meta["model_config"]["vocab_size"]:
+        raise ValueError(f"tokenizer {args.tokenizer_dir} has {tokenizer.get_vocab_size()} tokens but the model "
+                         f"was trained with {meta['model_config']['vocab_size']}: pass the run's --tokenizer-dir")
+    todo = args.eval.split(",")
+    results = {"checkpoint": directory, "kind": kind, "step": meta.get("step"), "model_config": meta["model_config"]}
+    session.log(f"Evaluating {kind} checkpoint {directory} (step {meta.get('step')}) on {world} worker(s)")
+
+    if "core" in todo:
+        core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task,
+                             bundle_dir=download_eval_bundle(args.base_dir), autocast_ctx=autocast_ctx)
+        results["core"] = core
+        session.log(f"CORE metric: {core['core_metric']:.4f}")
+    if "bpb" in todo:
+        token_bytes = torch.load(os.path.join(args.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device, weights_only=True)
+        B, T = args.device_batch_size, meta["model_config"]["sequence_len"]
+        steps = args.split_tokens // (B * T * world)
+        if steps < 1:
+            raise ValueError(f"--split-tokens {args.split_tokens} is less than one batch of {B}x{T}x{world} tokens")
+        train_files, val_file = split_shards(args.data_dir)
+        results["bpb"] = {}
+        for split in ("train", "val"):
+            stream = (PackedStream(train_files, args.tokenizer_dir, B, T, slot=rank, num_slots=world, backend="inline")
+                      if split == "train" else val_stream(val_file, args.tokenizer_dir, B, T, rank, world))
+            with stream, torch.no_grad(), autocast_ctx:
+                bpb = evaluate_bpb(model, ((x.to(device), y.to(device)) for x, y in stream), steps, token_bytes)
+            results["bpb"][split] = bpb
+            session.log(f"{split} bpb: {bpb:.6f}")
+    if "sample" in todo and rank == 0:
+        engine = Engine(model, tokenizer)
+        samples = []
+        with autocast_ctx:
+            for prompt in SAMPLE_PROMPTS:
+                seqs, _ = engine.generate_batch(tokenizer(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16,
+                                                temperature=0)
+                samples.append(tokenizer.decode(seqs[0]))
+            seqs, _ = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=8, max_tokens=128,
+                                            temperature=1.0)
+        unconditioned = [tokenizer.decode(s) for s in seqs]
+        results["samples"] = {"prompted": samples, "unconditioned": unconditioned}
+        for s in samples + unconditioned:
+            session.log("-" * 60 + "\n" + s)
+    if rank == 0:
+        out_dir = args.out_dir or directory
+        write_results(results, out_dir)
+        session.log(f"Wrote {os.path.join(out_dir, 'eval.json')} and eval.md")
+    return results
+
+
+def write_results(results: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    md = [f"## Base model evaluation: {results['checkpoint']}", "", f"- step: {results['step']}"]
+    if "core" in results:
+        md += ["", "| Task | Accuracy | Centered |", "|---|---|---|"]
+        core = results["core"]
+        md += [f"| {k} | {core['results'][k]:.4f} | {core['centered_results'][k]:.4f} |" for k in core["results"]]
+        md.append(f"| CORE | | {core['core_metric']:.4f} |")
+    if "bpb" in results:
+        md += [""] + [f"- {split} bpb: {v:.6f}" for split, v in results["bpb"].items()]
+    if "samples" in results:
+        md += ["", "### Samples", ""] + ["```\n" + s + "\n```" for s in results["samples"]["prompted"]]
+    tmp = tempfile.mkdtemp()
+    for name, text in (("eval.json", json.dumps(results, indent=2)), ("eval.md", "\n".join(md) + "\n")):
+        with open(os.path.join(tmp, name), "w") as f:
+            f.write(text)
+        shutil.move(os.path.join(tmp, name), os.path.join(out_dir, name))  # whole files only
+    os.rmdir(tmp)
+
+
+def _eval_worker(config: dict) -> None:
+    from raychat.session import RayTrainSession
+
+    evaluate(argparse.Namespace(**config), RayTrainSession())
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.dry_run:
+            print("raychat.eval settings:", json.dumps(vars(args), indent=2))
+            return 0
+        resolve_checkpoint(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.num_workers == 1 and not os.environ.get("RAY_ADDRESS"):
+        from raychat.session import LocalSession
+
+        evaluate(args, LocalSession())
+        return 0
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(num_cpus=max(os.cpu_count() or 1, args.num_workers))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = args.use_gpu == "true" or (args.use_gpu == "auto" and gpus >= args.num_workers > 0 and gpus > 0)
+    args.device_type = "cuda" if use_gpu else (args.device_type or "cpu")
+    trainer = TorchTrainer(
+        _eval_worker, train_loop_config=vars(args),
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"eval-{os.path.basename(args.checkpoint or args.nanochat or args.run_name)}",
+                             storage_path=tempfile.mkdtemp(prefix="raychat-eval-"),
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
+    trainer.fit()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`python -m raychat.export --run-name X [--step N] --to-nanochat DIR`: a raychat model in nanochat's layout.
+
+Writes `DIR/model_{step:06d}.pt` and `DIR/meta_{step:06d}.json` (spec §9; same state-dict keys, shapes and
+dtypes as nanochat's GPT) and the tokenizer as `DIR/tokenizer/{tokenizer.pkl,token_bytes.pt}`, so nanochat's
+own tools load the model (copy DIR to `$NANOCHAT_BASE_DIR/base_checkpoints/<tag>/` and the tokenizer to
+`$NANOCHAT_BASE_DIR/tokenizer/`). The reverse direction is `python -m raychat.train --init-from-nanochat DIR`.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+import torch
+
+from raychat import checkpoint as ckpt_files
+from raychat.common import get_base_dir
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Export a raychat checkpoint in nanochat's layout")
+    p.add_argument("--run-name", required=True, help="the raychat run")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    p.add_argument("--storage-path", default=None, help="where runs live (default <base>/runs)")
+    p.add_argument("--to-nanochat", required=True, help="output directory")
+    p.add_argument("--base-dir", default=None)
+    p.add_argument("--tokenizer-dir", default=None, help="default <base>/tokenizer")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        print(f"would export run {args.run_name} step {args.step or 'newest'} to {args.to_nanochat}")
+        return 0
+    base = get_base_dir(args.base_dir)
+    run_dir = os.path.join(args.storage_path or os.path.join(base, "runs"), args.run_name)
+    tok_dir = args.tokenizer_dir or os.path.join(base, "tokenizer")
+    candidates = [(s, d) for s, d in ckpt_files.list_step_dirs(run_dir) if args.step in (None, s)]
+    complete = [(s, d) for s, d in candidates if ckpt_files.check_complete(d) is None]
+    if not complete:
+        print(f"error: no complete checkpoint{'' if args.step is None else f' at step {args.step}'} in {run_dir}",
+              file=sys.stderr)
+        return 2
+    step, directory = complete[-1]
+    state = torch.load(os.path.join(directory, ckpt_files.MODEL_FILE), map_location="cpu", weights_only=True)
+    written = ckpt_files.export_nanochat(args.to_nanochat, step, state, ckpt_files.read_meta(directory))
+    os.makedirs(os.path.join(args.to_nanochat, "tokenizer"), exist_ok=True)
+    for name in ("tokenizer.pkl", "token_bytes.pt"):
+        src = os.path.join(tok_dir, name)
+        if not os.path.exists(src):
+            print(f"error: tokenizer file {src} is missing: pass the run's --tokenizer-dir", file=sys.stderr)
+            return 2
+        shutil.copy(src, os.path.join(args.to_nanochat, "tokenizer", name))
+        written.append(os.path.join(args.to_nanochat, "tokenizer", name))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The fault matrix of docs/RELIABILITY.md: each fault on a real local Ray (2 gloo CPU workers, a tiny fp32
+model, tinyshakespeare shards), each run compared tensor for tensor with one uninterrupted run.
+
+Faults come from the loop's own hooks (`--debug-fail-kind`, raychat.loop._inject_failure), which make a
+worker really die (os._exit / SIGKILL of its own process) at a chosen point, or from the outside: the test
+kills the driver's process group, removes a node of a two-node cluster, or damages checkpoint files.
+Driver and node tests run in subprocesses: they need their own Ray (one `ray.init` per process).
+"""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+import torch
+
+from raychat import checkpoint as ckpt_files
+from raychat.train import main
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(data_dir, tok_dir, storage, name, *extra):
+    """A 16-step, 2-worker run: checkpoints at 4, 8, 12, 16, val bpb at 0, 8, 16, tokens packed in-worker."""
+    return ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
+            "--device-batch-size", "4", "--total-batch-size", "512", "--window-pattern", "SL",
+            "--num-iterations", str(STEPS), "--eval-every", "8", "--eval-tokens", "1024",
+            "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "4",
+            "--data-dir", data_dir, "--tokenizer-dir", tok_dir, "--storage-path", storage,
+            "--run-name", name, "--num-workers", "2", "--data-backend", "inline", *extra]
+
+
+def load_step(run_dir, step):
+    path = os.path.join(run_dir, ckpt_files.step_dir_name(step))
+    assert ckpt_files.check_complete(path) is None, f"{path}: {ckpt_files.check_complete(path)}"
+    return torch.load(os.path.join(path, "model.pt"), weights_only=True), ckpt_files.read_meta(path)
+
+
+def assert_same_weights(run_dir, baseline_dir, step=STEPS):
+    state, meta = load_step(run_dir, step)
+    ref_state, ref_meta = load_step(baseline_dir, step)
+    assert state.keys() == ref_state.keys()
+    for k in ref_state:
+        assert torch.equal(state[k], ref_state[k]), f"step {step}: {k} differs from the uninterrupted run"
+    assert meta["history"]["train_loss"] == ref_meta["history"]["train_loss"]
+    assert meta["history"]["val_bpb"] == ref_meta["history"]["val_bpb"]
+
+
+def tree_hashes(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_local, tiny_data_dir, tiny_tokenizer_dir, storage):
+    """The uninterrupted run every faulted run must reproduce exactly."""
+    assert main(tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "baseline")) == 0
+    run = os.path.join(storage, "baseline")
+    assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8, 12, 16]
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. A worker SIGKILLed in the middle of a step
+
+
+def test_worker_sigkilled_mid_step_recovers_exactly(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
+    """Rank 1 (not the master) SIGKILLs itself between its backward pass and the optimizer step of step 10,
+    while rank 0 waits in the gradient all-reduce: Ray Train restarts both from the step-8 checkpoint."""
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killstep", "--max-failures", "1",
+                     "--debug-fail-at-step", "10", "--debug-fail-kind", "kill", "--debug-fail-rank", "1")
+    assert main(args) == 0
+    run = os.path.join(storage, "killstep")
+    assert os.path.exists(os.path.join(run, ".injected_failure_step10")), "the fault never fired"
+    assert_same_weights(run, baseline)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. A worker killed while a checkpoint is being written
+
+
+def test_worker_killed_while_checkpoint_is_written(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
+    """Rank 0 writes its step-8 files (model, meta, optimizer shard) locally and is SIGKILLed before they are
+    persisted, while rank 1 persists its own: storage may hold a step_000008 with rank 1's files only. That
+    directory never counts as a checkpoint (no meta.json, no done_rank0.json); the restart uses step 4 and
+    rewrites step 8 in full."""
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killckpt", "--max-failures", "1",
+                     "--debug-fail-at-step", "8", "--debug-fail-kind", "kill-in-checkpoint")
+    assert main(args) == 0
+    run = os.path.join(storage, "killckpt")
+    assert os.path.exists(os.path.join(run, ".injected_failure_step8")), "the fault never fired"
+    assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8, 12, 16]
+    for step in (8, STEPS):
+        assert_same_weights(run, baseline, step)
+
+
+def test_partial_checkpoint_of_one_rank_is_never_resumed(baseline, tmp_path):
+    """What storage can hold after fault 2 (only the surviving ranks' files), and worse, is not a checkpoint."""
+    from raychat.session import _first_complete
+
+    src = os.path.join(baseline, "step_000008")
+    cases = {
+        "rank1_only": ["optim_rank1.pt", "data_rank1.json", "done_rank1.json"],
+        "no_done_rank0": ["model.pt", "meta.json", "optim_rank0.pt", "data_rank0.json", "optim_rank1.pt",
+                          "data_rank1.json", "done_rank1.json"],
+        "no_done_rank1": ["model.pt", "meta.json", "optim_rank0.pt", "data_rank0.json", "done_rank0.json"],
+    }
+    for name, files in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            shutil.copy(os.path.join(src, f), d / f)
+        problem = ckpt_files.check_complete(str(d))
+        assert problem is not None, f"{name} passed as complete"
+        with pytest.raises(RuntimeError, match="incomplete"):
+            ckpt_files.load_rank_files(str(d), 0, "cpu")
+    logged = []
+    with _first_complete([str(tmp_path / n) for n in cases] + [os.path.join(baseline, "step_000004")],
+                         logged.append) as chosen:
+        assert chosen == os.path.join(baseline, "step_000004")
+    assert len(logged) == 3 and all(m.startswith("WARNING: skipping incomplete checkpoint") for m in logged)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The driver killed, the same command rerun
+
+
+def _subprocess_env(ray_tmp):
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=REPO)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _ray_processes(ray_tmp):
+    """Pids whose command line names the session directory (Ray's raylet, GCS, workers and helpers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if ray_tmp.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _reap_ray(ray_tmp, timeout=30):
+    """Wait until no process of the killed run's Ray session is left; SIGKILL stragglers (started by this
+    test, found by their session directory) after `timeout`. Returns how many had to be killed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not _ray_processes(ray_tmp):
+            return 0
+        time.sleep(0.5)
+    left = _ray_processes(ray_tmp)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(left)
+
+
+def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """SIGKILL the whole `python -m raychat.train` process group (driver, its local Ray, the workers) as soon
+    as the step-4 checkpoint is complete, then run the identical command: it resumes and ends bit-identical."""
+    run = os.path.join(storage, "driverkill")
+    cmd = [sys.executable, "-m", "raychat.train", *tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "driverkill")]
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(ray_tmp), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        first = os.path.join(run, "step_000004")
+        while not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
+            assert proc.poll() is None, f"the run ended before it could be killed:\n{open(tmp_path / 'first.log').read()}"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    _reap_ray(ray_tmp)
+    steps = [s for s, p in ckpt_files.list_step_dirs(run) if ckpt_files.check_complete(p) is None]
+    assert steps and max(steps) < STEPS, f"the kill came too late to test anything: complete steps {steps}"
+
+    ray_tmp2 = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    again = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(ray_tmp2), capture_output=True, text=True, timeout=300)
+    _reap_ray(ray_tmp2)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"Resuming from step {max(steps)}" in again.stdout + again.stderr
+    assert_same_weights(run, baseline)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. A node of a two-node cluster removed mid-run
+
+_NODE_LOSS_SCRIPT = textwrap.dedent("""
+    import json, os, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+    from raychat import checkpoint as ckpt_files
+    from raychat.train import main
+
+    args, scenario = json.loads(sys.argv[1]), sys.argv[2]
+    run_dir = os.path.join(args[args.index("--storage-path") + 1], args[args.index("--run-name") + 1])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]  # one worker per node
+    ray.init(address=cluster.address)
+
+    def remove_after_first_checkpoint():
+        first = os.path.join(run_dir, "step_000004")
+        while not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
+            time.sleep(0.01)
+        cluster.remove_node(nodes[1], allow_graceful=False)
+        print("NODE REMOVED", flush=True)
+        if scenario == "returns":
+            time.sleep(2)
+            cluster.add_node(num_cpus=1)
+            print("NODE ADDED", flush=True)
+
+    threading.Thread(target=remove_after_first_checkpoint, daemon=True).start()
+    rc = main(args)
+    print("RC", rc, flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+    sys.exit(0)
+""")
+
+
+def _node_loss(args, scenario, tmp_path, extra_env=None):
+    ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    env = dict(_subprocess_env(ray_tmp), **(extra_env or {}))
+    out = subprocess.run([sys.executable, "-c", _NODE_LOSS_SCRIPT, __import__("json").dumps(args), scenario],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    _reap_ray(ray_tmp)
+    (tmp_path / f"{scenario}.log").write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "NODE REMOVED" in out.stdout, "the node was never removed: the run ended first"
+    return out.stdout + out.stderr
+
+
+def test_node_removed_then_capacity_returns_recovers(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """Head (0 CPUs) + two 1-CPU nodes, one worker each. The second node dies after the first checkpoint and
+    a replacement joins 2 s later: Ray Train reschedules the worker group and the run ends bit-identical."""
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nodeloss", "--max-failures", "2")
+    log = _node_loss(args, "returns", tmp_path)
+    assert "RC 0" in log, log[-3000:]
+    assert_same_weights(os.path.join(storage, "nodeloss"), baseline)
+
+
+def test_node_removed_for_good_stops_with_a_clear_message(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """No capacity comes back: each restart waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (default 60 s; 5 s
+    here) for 2 CPUs, fails, and after --max-failures restarts the driver exits 1, says how to resume, and the
+    checkpoints written so far stay complete."""
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nodegone", "--max-failures", "1")
+    log = _node_loss(args, "gone", tmp_path, {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
+    assert "RC 1" in log, log[-3000:]
+    assert "rerun the same command (--run-name nodegone) to resume" in log
+    steps = ckpt_files.list_step_dirs(os.path.join(storage, "nodegone"))
+    complete = [s for s, p in steps if ckpt_files.check_complete(p) is None]
+    assert 4 in complete and max(complete) < STEPS
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The latest checkpoints incomplete: skipped with a warning, the previous complete one used
+
+
+def test_incomplete_latest_checkpoints_are_skipped(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, capfd):
+    """A rerun of a run whose newest checkpoint lost a file and whose previous one was truncated resumes from
+    the one before them, warns about both, and ends bit-identical."""
+    run = os.path.join(storage, "damaged")
+    os.makedirs(run)
+    for step in (4, 8, 12):
+        name = ckpt_files.step_dir_name(step)
+        shutil.copytree(os.path.join(baseline, name), os.path.join(run, name))
+    os.remove(os.path.join(run, "step_000012", "data_rank1.json"))
+    with open(os.path.join(run, "step_000008", "model.pt"), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    assert main(tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "damaged")) == 0
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "skipping incomplete checkpoint" in text and "step_000012" in text and "step_000008" in text
+    assert "data_rank1.json is missing" in text and "truncated" in text
+    assert_same_weights(run, baseline)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. A non-finite loss
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(baseline, tiny_data_dir, tiny_tokenizer_dir,
+                                                                      storage, capsys):
+    """Step 10's loss becomes NaN (on rank 1 only): both ranks stop, the driver exits 1 naming step 10, the
+    step-8 checkpoint is untouched and equal to the uninterrupted run's, and a rerun without the fault resumes
+    from it and ends bit-identical."""
+    common = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanstop")
+    assert main(common + ["--debug-fail-at-step", "10", "--debug-fail-kind", "nan", "--debug-fail-rank", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "training stopped: loss became non-finite at step 10" in err, err
+    run = os.path.join(storage, "nanstop")
+    assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8]
+    assert_same_weights(run, baseline, 8)
+    before = tree_hashes(os.path.join(run, "step_000008"))
+    assert main(common) == 0
+    assert tree_hashes(os.path.join(run, "step_000008")) == before
+    assert_same_weights(run, baseline)
+
+
+def test_nan_loss_skipped_with_the_flag(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
+    """--nan-policy skip: step 10's update is dropped (every rank agrees), the run finishes with finite
+    weights; they differ from the uninterrupted run only because one update is missing."""
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanskip", "--nan-policy", "skip",
+                     "--debug-fail-at-step", "10", "--debug-fail-kind", "nan")
+    assert main(args) == 0
+    run = os.path.join(storage, "nanskip")
+    assert_same_weights(run, baseline, 8)
+    state, meta = load_step(run, STEPS)
+    ref, _ = load_step(baseline, STEPS)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert any(not torch.equal(state[k], ref[k]) for k in ref), "step 10's update was not skipped"
+    losses = [v for _, v in meta["history"]["train_loss"]]
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
