@@ -25,6 +25,7 @@ def preflight(cfg: TrainConfig):
     """Everything that can fail cheaply fails here, before the cluster does any work. Returns the plan."""
     from raychat import checkpoint as ckpt_files
     from raychat.data.shards import split_shards, validate_shard
+    from raychat.data.stream import inspect_files
     from raychat.session import _list_remote_steps, _first_complete, run_dir
     from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
@@ -43,6 +44,13 @@ def preflight(cfg: TrainConfig):
     for path in train_files[:1] + [val_file]:
         validate_shard(path)
     plan = derive(cfg, tokenizer.get_vocab_size(), cfg.num_workers)
+    num_slots = cfg.num_workers * plan.grad_accum_steps
+    most = max(inspect_files(train_files))
+    if most < num_slots:
+        raise ValueError(f"the training shards in {cfg.data_dir} have at most {most} row group(s) per file, fewer "
+                         f"than the {num_slots} data slots (workers x accumulation steps) that each need their "
+                         "own: use fewer workers or accumulation steps, or prepare the shards with a smaller "
+                         "--rows-per-group")
     if cfg.init_from_nanochat:
         ckpt_files.find_nanochat_step(cfg.init_from_nanochat)
     steps = _list_remote_steps(run_dir(cfg))

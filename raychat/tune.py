@@ -94,8 +94,10 @@ def search_alg(sweep: Sweep):
         return OptunaSearch(metric="val_bpb", mode="min", seed=sweep.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    # Random and grid both: the basic generator crosses grid dimensions and samples the rest, seeded.
-    return BasicVariantGenerator(random_state=sweep.seed)
+    # Random and grid both: the basic generator crosses grid dimensions and samples the rest, seeded. It takes
+    # the concurrency limit itself: Tune ignores max_concurrent_trials for a generator passed in (with a warning),
+    # and too many concurrent trial drivers hold the CPUs their own workers need (RAY_PRACTICE §8).
+    return BasicVariantGenerator(max_concurrent=sweep.max_concurrent_trials or 0, random_state=sweep.seed)
 
 
 def scheduler(sweep: Sweep, max_t: int):

@@ -229,20 +229,23 @@ _NODE_LOSS_SCRIPT = textwrap.dedent("""
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]  # one worker per node
     ray.init(address=cluster.address)
 
-    def remove_after_first_checkpoint():
-        first = os.path.join(run_dir, "step_000004")
-        while not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
-            time.sleep(0.01)
+    # Training runs in a thread (Ray Train supports that), the main thread changes the cluster: a node can
+    # only be added from the main thread (it installs signal handlers).
+    result = {}
+    trainer = threading.Thread(target=lambda: result.setdefault("rc", main(args)), daemon=True)
+    trainer.start()
+    first = os.path.join(run_dir, "step_000004")
+    while trainer.is_alive() and not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
+        time.sleep(0.01)
+    if trainer.is_alive():
         cluster.remove_node(nodes[1], allow_graceful=False)
         print("NODE REMOVED", flush=True)
         if scenario == "returns":
             time.sleep(2)
             cluster.add_node(num_cpus=1)
             print("NODE ADDED", flush=True)
-
-    threading.Thread(target=remove_after_first_checkpoint, daemon=True).start()
-    rc = main(args)
-    print("RC", rc, flush=True)
+    trainer.join()
+    print("RC", result.get("rc"), flush=True)
     ray.shutdown()
     cluster.shutdown()
     sys.exit(0)

@@ -221,6 +221,8 @@ class SlotDocuments:
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
             # from_items snapshots a copy of the current DataContext, so this changes only this dataset.
             ds.context.execution_options.preserve_order = True
+            # An internal, endless stream: the trainer's step line is the progress report, not Data's bars.
+            ds.context.enable_progress_bars = False
             ds = ds.map_batches(_TokenizeRowGroups, batch_size=1, batch_format="pyarrow",
                                 fn_constructor_args=(self.tokenizer_dir, self.tokenizer_threads),
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.actors),
@@ -368,4 +370,10 @@ def val_stream(val_file: str, tokenizer_dir: str, B: int, T: int, rank: int, wor
     further epochs if the val shard is short. Inline by default: evaluation reads a few batches and a Ray
     Data pipeline costs ~1-2 s to start.
     """
-    return PackedStream([val_file], tokenizer_dir, B, T, slot=rank, num_slots=world_size, backend=backend, **kwargs)
+    counts = inspect_files([val_file])
+    # A short val shard may have fewer row groups than there are ranks; ranks then share row groups (rank r
+    # reads slot r mod n), so every rank still evaluates the same number of batches. The reduced bpb stays a
+    # token-weighted average over the batches read.
+    n = min(world_size, counts[0])
+    return PackedStream([val_file], tokenizer_dir, B, T, slot=rank % n, num_slots=n, backend=backend,
+                        row_group_counts=counts, **kwargs)
