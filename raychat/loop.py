@@ -7,6 +7,7 @@ spec §1.3. Ray appears only through the session (resume checkpoint at the top, 
 import gc
 import math
 import os
+import tempfile
 import signal
 import time
 import uuid
@@ -56,6 +57,34 @@ def _all_ranks_agree(flag: bool, device) -> bool:
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _start_profiler(cfg: TrainConfig, device_type: str):
+    """--profile: a PyTorch profiler trace of steps 2-4 of this run on rank 0, as Chrome trace JSON in the run
+    directory (`profile_rank0.json`, open it in https://ui.perfetto.dev or chrome://tracing)."""
+    from raychat.session import run_dir
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    out = run_dir(cfg)
+
+    def save(prof):
+        import pyarrow.fs as pafs
+
+        local = os.path.join(tempfile.mkdtemp(), "profile_rank0.json")
+        prof.export_chrome_trace(local)
+        fs, path = pafs.FileSystem.from_uri(out if "://" in out else os.path.abspath(out))
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(local, f"{path}/profile_rank0.json", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+        print(f"Wrote profiler trace {out}/profile_rank0.json", flush=True)
+
+    prof = torch.profiler.profile(activities=activities, record_shapes=True, with_stack=False,
+                                  schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+                                  on_trace_ready=save)
+    prof.start()
+    return prof
 
 
 def _record(series: list, step: int, value: float) -> None:
@@ -191,6 +220,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
     flops_per_step = plan.num_flops_per_token * cfg.total_batch_size
     stopped_reason = None
 
+    profiler = _start_profiler(cfg, device_type) if cfg.profile and master else None
     while True:
         last_step = step == N
         flops_so_far = flops_per_step * step
@@ -268,6 +298,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
             break
 
         # --- one training step (item 7) ---
+        if profiler is not None:
+            profiler.step()
         synchronize()
         t0 = time.time()
         finite = torch.ones((), dtype=torch.bool, device=device)
@@ -338,6 +370,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
             gc.collect()
         _inject_failure(cfg, rank, step, "exit")
 
+    if profiler is not None:
+        profiler.stop()
     for st in streams:
         st.close()
     gc.enable()

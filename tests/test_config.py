@@ -1,0 +1,118 @@
+"""The command line (a frozen surface, like the seed's), derived quantities (spec §1.1) and schedules (§1.2)."""
+import dataclasses
+import math
+
+import pytest
+
+from raychat.config import TrainConfig, build_parser, derive, parse_args
+from raychat.schedules import lr_multiplier, muon_momentum, muon_weight_decay
+
+# Every flag of nanochat's base_train with its default (spec §1), then raychat's own. A rename, a new flag or a
+# changed default must be a deliberate edit here.
+SEED_FLAGS = {
+    "run": "dummy", "device_type": "", "depth": 20, "aspect_ratio": 64, "head_dim": 128, "max_seq_len": 2048,
+    "window_pattern": "SSSL", "num_iterations": -1, "target_flops": -1.0, "target_param_data_ratio": 10.5,
+    "device_batch_size": 32, "total_batch_size": 524288, "embedding_lr": 0.3, "unembedding_lr": 0.004,
+    "weight_decay": 0.2, "matrix_lr": 0.02, "scalar_lr": 0.5, "adam_beta1": 0.8, "adam_beta2": 0.95,
+    "warmup_ratio": 0.0, "warmdown_ratio": 0.5, "final_lr_frac": 0.0, "resume_from_step": -1, "eval_every": 250,
+    "eval_tokens": 20 * 524288, "core_metric_every": 2000, "core_metric_max_per_task": 500, "sample_every": 2000,
+    "save_every": -1, "model_tag": None,
+}
+RAYCHAT_FLAGS = {
+    "num_workers": 1, "use_gpu": "auto", "cpus_per_worker": 1.0, "storage_path": None, "run_name": None,
+    "max_failures": 3, "keep_checkpoints": None, "base_dir": None, "data_dir": None, "tokenizer_dir": None,
+    "data_backend": "ray", "data_actors": 1, "init_from_nanochat": None, "nan_policy": "stop", "profile": False,
+    "dry_run": False, "debug_fail_at_step": -1, "debug_fail_kind": "exit", "debug_fail_rank": 0,
+}
+
+
+def test_cli_surface_is_frozen():
+    defaults = vars(build_parser().parse_args([]))
+    assert defaults == {**SEED_FLAGS, **RAYCHAT_FLAGS}
+    flags = {a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+    assert flags == {"--" + k.replace("_", "-") for k in defaults}
+
+
+def test_flags_parse_with_types():
+    cfg = parse_args(["--depth", "4", "--target-flops", "1e18", "--keep-checkpoints", "2", "--profile",
+                      "--model-tag", "mine"])
+    assert (cfg.depth, cfg.target_flops, cfg.keep_checkpoints, cfg.profile, cfg.tag) == (4, 1e18, 2, True, "mine")
+    assert TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--depth", "0"], "--depth=0"),
+    (["--window-pattern", "SXL"], "--window-pattern='SXL'"),
+    (["--num-iterations", "-1", "--target-flops", "-1", "--target-param-data-ratio", "-1"], "no training horizon"),
+    (["--warmup-ratio", "0.6", "--warmdown-ratio", "0.6"], "must not exceed 1"),
+    (["--num-workers", "0"], "--num-workers=0"),
+    (["--use-gpu", "maybe"], "auto, true or false"),
+    (["--matrix-lr", "-0.1"], "--matrix-lr"),
+    (["--adam-beta2", "1.0"], "--adam-beta2"),
+    (["--data-backend", "spark"], "ray or inline"),
+    (["--run-name", "a/b"], "without '/'"),
+])
+def test_bad_flags_name_the_flag(argv, needle):
+    with pytest.raises(ValueError, match=None) as e:
+        parse_args(argv)
+    assert needle in str(e.value)
+
+
+def test_derived_quantities_of_the_speedrun():
+    """d24 at ratio 12, B=16 on 8 ranks (leaderboard entry #1, spec §14.1/§14.4)."""
+    cfg = parse_args(["--depth", "24", "--target-param-data-ratio", "12", "--device-batch-size", "16"])
+    plan = derive(cfg, 32768, world_size=8)
+    assert plan.model_config["n_embd"] == 1536 and plan.model_config["n_head"] == 12
+    assert plan.grad_accum_steps == 2 and plan.batch_lr_scale == 1.0
+    assert plan.weight_decay_scaled == pytest.approx(0.05)
+    assert plan.num_scaling_params == 729_813_504 and plan.num_params == 1_384_124_976
+    assert plan.num_iterations == 16704
+    assert plan.num_flops_per_token * plan.total_tokens == pytest.approx(4.3308e19, rel=1e-4)
+
+
+@pytest.mark.parametrize("depth, ratio, n", [(12, 10.5, 2205), (20, 10.5, 8715), (24, 10.5, 14616), (26, 10.5, 18393)])
+def test_horizons_match_the_reference_table(depth, ratio, n):
+    cfg = parse_args(["--depth", str(depth), "--target-param-data-ratio", str(ratio)])
+    assert derive(cfg, 32768, world_size=8).num_iterations == n
+
+
+def test_horizon_precedence_and_rounding():
+    base = ["--depth", "12"]
+    assert derive(parse_args(base + ["--num-iterations", "7", "--target-flops", "1e18"]), 32768, 1).num_iterations == 7
+    plan = derive(parse_args(base + ["--target-flops", "1e18"]), 32768, 1)
+    assert plan.num_iterations == round(1e18 / (plan.num_flops_per_token * 524288))
+
+
+def test_model_width_is_nudged_up_to_a_multiple_of_head_dim_and_lr_scaled_by_batch():
+    cfg = parse_args(["--depth", "6", "--head-dim", "64", "--max-seq-len", "512", "--total-batch-size", "16384",
+                      "--device-batch-size", "32", "--num-iterations", "5000"])
+    plan = derive(cfg, 32768, 1)
+    assert plan.model_config["n_embd"] == 384 and plan.model_config["n_head"] == 6
+    assert plan.batch_lr_scale == pytest.approx(math.sqrt(1 / 32))
+    assert plan.weight_decay_scaled == pytest.approx(0.8)
+    assert plan.num_params == 73_531_980 and plan.num_scaling_params == 23_200_320  # spec §13.2
+    odd = derive(parse_args(["--depth", "5", "--num-iterations", "1"]), 32768, 1)
+    assert odd.model_config["n_embd"] == 384  # 320 rounded up to 3 heads of 128
+
+
+def test_total_batch_must_divide_by_world_tokens():
+    cfg = parse_args(["--depth", "4", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "640"])
+    with pytest.raises(ValueError, match="must be divisible by"):
+        derive(cfg, 512, world_size=2)
+
+
+def test_lr_schedule_uses_round_half_even_and_never_reaches_zero():
+    n = 8715
+    warmdown = round(0.5 * n)
+    assert warmdown == 4358
+    assert lr_multiplier(n - warmdown, n, 0.0, 0.5, 0.0) == 1.0
+    assert lr_multiplier(n - 1, n, 0.0, 0.5, 0.0) == pytest.approx(1 / warmdown)
+    assert lr_multiplier(n - 1, n, 0.0, 0.5, 0.1) == pytest.approx(1 / warmdown + (1 - 1 / warmdown) * 0.1)
+    assert lr_multiplier(0, 100, 0.1, 0.5, 0.0) == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, 0.1, 0.5, 0.0) == 1.0
+
+
+def test_muon_momentum_and_weight_decay_schedules():
+    assert muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.90)
+    assert muon_momentum(300) == pytest.approx(0.95) and muon_momentum(5000) == pytest.approx(0.95)
+    assert muon_weight_decay(0, 100, 0.2) == 0.2 and muon_weight_decay(99, 100, 0.2) == pytest.approx(0.002)
