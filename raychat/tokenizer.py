@@ -43,6 +43,18 @@ TOKEN_BYTES_FILE = "token_bytes.pt"
 _HOW_TO_TRAIN = "train one with `python -m scripts.tok_train` (it needs shards: `python -m raychat.data download -n 8`)"
 
 
+class _EncodingUnpickler(pickle.Unpickler):
+    """Unpickles a tiktoken Encoding and nothing else: a tokenizer.pkl must not be able to run code.
+
+    A pickled Encoding refers to exactly one global, `tiktoken.core.Encoding` (its state is plain str, bytes,
+    int and dict); any other global (os.system, builtins.eval, ...) is refused before it is resolved."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return tiktoken.core.Encoding
+        raise pickle.UnpicklingError(f"it references {module}.{name}, and only tiktoken.core.Encoding is allowed")
+
+
 class Tokenizer:
     """Encode/decode text with a tiktoken Encoding that carries `SPECIAL_TOKENS`."""
 
@@ -87,7 +99,10 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer at {path}: {_HOW_TO_TRAIN}")
         with open(path, "rb") as f:
-            enc = pickle.load(f)
+            try:
+                enc = _EncodingUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{path} is not a tokenizer raychat will load: {e}. {_HOW_TO_TRAIN}") from e
         if not isinstance(enc, tiktoken.Encoding):
             raise ValueError(f"{path} holds a {type(enc).__name__}, not a pickled tiktoken Encoding; "
                              f"{_HOW_TO_TRAIN}")

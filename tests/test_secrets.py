@@ -123,8 +123,6 @@ def test_malicious_token_bytes_is_refused(tmp_path):
     assert not os.path.exists(marker)
 
 
-@pytest.mark.xfail(strict=True, reason="raychat/tokenizer.py reads tokenizer.pkl with pickle.load (nanochat's "
-                   "format); a restricted unpickler is proposed in docs/RELIABILITY.md. Remove this mark once fixed.")
 def test_malicious_tokenizer_pickle_is_refused(tmp_path):
     from raychat.tokenizer import Tokenizer
 

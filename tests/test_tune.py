@@ -4,9 +4,11 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -186,10 +188,10 @@ def _sweep_env(tmp_path):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     # Its own Ray temp dir: the sweep starts (and, killed, leaves) its own local Ray, apart from the session's.
-    env["RAY_TMPDIR"] = str(tmp_path / "rt")
+    # A short path: Ray's socket paths under it must stay below 108 bytes.
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # Tune saves its experiment state often, so a kill loses little
     env["PYTHONPATH"] = REPO
-    os.makedirs(env["RAY_TMPDIR"], exist_ok=True)
     return env
 
 
@@ -258,8 +260,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data_dir, t
     assert not os.path.exists(os.path.join(sweep_dir, "results.csv"))
     before = {t: _snapshot(os.path.join(sweep_dir, "runs", f"killed-{t}")) for t in finished}
 
-    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
-    _kill_leftover_ray(env["RAY_TMPDIR"])
+    try:
+        done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        _kill_leftover_ray(env["RAY_TMPDIR"])
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     events = _log_events(sweep_dir)

@@ -1,0 +1,94 @@
+"""A two-node Ray cluster on 127.0.0.1 for tests/test_multinode.py, run as its own process.
+
+    python tests/_two_node_cluster.py [--cpus-per-node 1]
+
+Why a helper process: the test process may already hold the session's local Ray (conftest `ray_local`), and
+a process can attach to one Ray only, so this cluster lives elsewhere. Why `ray.cluster_utils.Cluster` and
+not `ray start --address`: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps every socket on loopback,
+the `ray start` CLI refuses to join a second node (RAY_PRACTICE §8); `Cluster.add_node` starts the same
+raylet + object store a second `ray start` would, registered with the head's GCS, without the CLI's check.
+
+Protocol (one line of JSON each way, so the test never parses logs):
+  1. stdout: {"dashboard": "http://127.0.0.1:<port>", "gcs": "127.0.0.1:<port>", "nodes": [node ids]}
+     once both nodes are alive and the job server answers.
+  2. stdin:  a job submission id (or EOF to stop at once).
+  3. stdout: {"job_status": "SUCCEEDED", "workers": [{"node_id", "state", "pid"}], "nodes": [...]} for
+     the Ray Train workers (actor class RayTrainWorker) of the whole cluster, dead ones included.
+  4. The cluster is shut down (in a finally) and the process exits 0.
+The environment (RAY_TMPDIR, RAY_AUTH_MODE, ...) comes from the caller; nothing else is read.
+"""
+import argparse
+import json
+import socket
+import sys
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_job_server(url: str, timeout_s: float = 60.0) -> None:
+    """The dashboard's HTTP server comes up a little after the head's GCS; submitting earlier fails."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the dashboard at {url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def report(url: str, submission_id: str) -> dict:
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors, list_nodes
+
+    status = JobSubmissionClient(url).get_job_status(submission_id)
+    actors = list_actors(address=url, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                         raise_on_missing_output=False)
+    nodes = list_nodes(address=url, raise_on_missing_output=False)
+    return {
+        "job_status": str(getattr(status, "value", status)),
+        "workers": [{"node_id": a.node_id, "state": a.state, "pid": a.pid} for a in actors],
+        "nodes": sorted(n.node_id for n in nodes),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpus-per-node", type=int, default=1,
+                        help="logical CPUs per node: 1 forces two 1-CPU workers onto different nodes")
+    args = parser.parse_args()
+    if args.cpus_per_node < 1:
+        parser.error(f"--cpus-per-node={args.cpus_per_node}: must be >= 1 (a Train worker needs a CPU)")
+
+    from ray.cluster_utils import Cluster
+
+    port = free_port()
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
+        "num_cpus": args.cpus_per_node, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": port})
+    try:
+        cluster.add_node(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        url = f"http://127.0.0.1:{port}"
+        wait_for_job_server(url)
+        nodes = [cluster.head_node.node_id] + [n.node_id for n in cluster.worker_nodes]
+        print(json.dumps({"dashboard": url, "gcs": cluster.gcs_address, "nodes": nodes}), flush=True)
+        submission_id = sys.stdin.readline().strip()
+        if submission_id:
+            print(json.dumps(report(url, submission_id)), flush=True)
+    finally:
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
