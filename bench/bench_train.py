@@ -126,6 +126,56 @@ def summarise(runs: list[dict], tokens_per_step: int) -> dict:
             "steps": len(dts)}
 
 
+# A GPU node's appetite for tokens (spec §14.3 order of magnitude; nanochat's d20/d24 speedrun logs on 8xH100):
+# packed tokens per second per GPU, and tokens per micro-batch per GPU (B 32 x T 2048 at d20, B 16 at d24).
+GPU_NODE_MODEL = {"d20": (125_000, 32 * 2048), "d24": (75_000, 16 * 2048)}
+
+
+def bench_stall(a, data_dir: str, tok_dir: str, step_s: float, batches: int) -> None:
+    """How long each step waits in next(stream) when a step of `step_s` seconds runs between two batches.
+
+    inline: the worker tokenizes in next() (the reference's loader), so the whole read+tokenize+pack cost is
+    waiting; ray: Ray Data actors tokenize during the step, next() only packs. The compute is a sleep, so this
+    is the wait alone, not the CPU contention of a CPU-only run (bench_train's throughput rows include that).
+    """
+    import ray
+
+    from raychat.data.shards import split_shards
+    from raychat.data.stream import PackedStream
+
+    files, _ = split_shards(data_dir)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    tokens = a.device_batch_size * a.max_seq_len
+    print(f"\ndata stall: B {a.device_batch_size} x T {a.max_seq_len}, a step of {step_s * 1000:.0f} ms between batches, "
+          f"{batches} batches after the first")
+    rate = {}
+    for backend in ("inline", "ray"):
+        with PackedStream(files, tok_dir, a.device_batch_size, a.max_seq_len, backend=backend) as stream:
+            t0 = time.perf_counter()
+            next(stream)
+            first = time.perf_counter() - t0
+            waits, cpu = [], 0.0
+            for _ in range(batches):
+                time.sleep(step_s)
+                t0, c0 = time.perf_counter(), time.process_time()
+                next(stream)
+                waits.append(time.perf_counter() - t0)
+                cpu += time.process_time() - c0
+        waits.sort()
+        rate[backend] = tokens * batches / max(cpu, 1e-9)
+        print(f"  {backend:6s}: first batch {first:.2f} s; wait per step median {statistics.median(waits) * 1000:.1f} ms, "
+              f"p95 {waits[int(0.95 * (len(waits) - 1))] * 1000:.1f} ms, max {waits[-1] * 1000:.1f} ms "
+              f"= {100 * statistics.median(waits) / step_s:.1f}% of the step; worker CPU {cpu / batches * 1000:.1f} ms/batch "
+              f"({rate[backend] / 1e6:.2f} M tok per worker CPU-second)", flush=True)
+    ray.shutdown()
+    for name, (tok_s, micro) in GPU_NODE_MODEL.items():
+        step = micro / tok_s
+        print(f"  modelled GPU {name}: {tok_s:,} tok/s per GPU, {micro:,}-token micro-batch every {step * 1000:.0f} ms; "
+              f"worker CPU per batch inline {micro / rate['inline'] * 1000:.0f} ms, ray {micro / rate['ray'] * 1000:.0f} ms "
+              f"-> stall 0 while that is < {step * 1000:.0f} ms (the CPU works while the GPU runs the queued step)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=4)
@@ -141,6 +191,8 @@ def main(argv=None) -> int:
                    choices=["local", "ray1", "ray2", "ray1-raydata"])
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "raychat-bench"))
     p.add_argument("--timeout", type=int, default=900, help="seconds per run before it counts as failed")
+    p.add_argument("--stall-batches", type=int, default=40, help="batches for the data-stall part; 0 skips it")
+    p.add_argument("--stall-step-ms", type=float, default=0, help="step time for the stall part; 0 = measured median")
     p.add_argument("--dry-run", action="store_true", help="print the settings and exit")
     p.add_argument("--child-local", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -165,6 +217,8 @@ def main(argv=None) -> int:
         order += [(k, i) for k in (pair if i % 2 == 0 else pair[::-1])]  # A B B A: drift cancels to first order
     order += [(k, 0) for k in ("ray2", "ray1-raydata") if k in a.kinds]
     results: dict[str, list] = {}
+    if not order:
+        print("no throughput runs (--kinds/--repeats)")
     for kind, i in order:
         r = run_one(kind, a, data_dir, tok_dir, storage, i)
         results.setdefault(kind, []).append(r)
@@ -182,6 +236,10 @@ def main(argv=None) -> int:
               f"median {s['ray2']['tok_s_median'] / (2 * s['ray1']['tok_s_median']):.3f}")
     if "ray1-raydata" in s and "ray1" in s:
         print(f"ray1 with Ray Data / ray1 inline: median {s['ray1-raydata']['tok_s_median'] / s['ray1']['tok_s_median']:.3f}")
+    if a.stall_batches:
+        step_s = a.stall_step_ms / 1000 or (a.device_batch_size * a.max_seq_len / s["local"]["tok_s_median"]
+                                            if "local" in s else 0.5)
+        bench_stall(a, data_dir, tok_dir, step_s, a.stall_batches)
     print(f"load average after: {os.getloadavg()}")
     return 0
 

@@ -5,6 +5,7 @@ data), then `while True` over steps 0..N with eval -> CORE -> sample -> save -> 
 spec §1.3. Ray appears only through the session (resume checkpoint at the top, report at save points).
 """
 import gc
+import io
 import math
 import os
 import tempfile
@@ -112,15 +113,17 @@ def _inject_failure(cfg: TrainConfig, rank: int, step: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
-    """Train one worker's share. Returns the final metrics (rank 0's are the run's)."""
+def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files: dict | None = None) -> dict:
+    """Train one worker's share. Returns the final metrics (rank 0's are the run's).
+
+    `tokenizer_files` ({file name: bytes} of the tokenizer directory) replaces reading cfg.tokenizer_dir."""
     from raychat.data.shards import split_shards
     from raychat.data.stream import PackedStream, val_stream
     from raychat.engine import Engine
     from raychat.loss_eval import evaluate_bpb
     from raychat.model import GPT, GPTConfig
     from raychat.report import write_run_report
-    from raychat.tokenizer import TOKEN_BYTES_FILE, Tokenizer
+    from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
     fit_id = fit_id or uuid.uuid4().hex
     rank, world_size = session.rank, session.world_size
@@ -144,8 +147,13 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
     wandb_run = _init_wandb(cfg, master)
 
     # --- tokenizer, derived sizes, model ---
-    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
-    token_bytes = torch.load(os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device, weights_only=True)
+    if tokenizer_files is not None:  # shipped by the driver: this node need not have the tokenizer directory
+        tokenizer = Tokenizer.from_bytes(tokenizer_files[TOKENIZER_FILE])
+        token_bytes = torch.load(io.BytesIO(tokenizer_files[TOKEN_BYTES_FILE]), map_location=device, weights_only=True)
+    else:
+        tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
+        token_bytes = torch.load(os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device,
+                                 weights_only=True)
     plan = derive(cfg, tokenizer.get_vocab_size(), world_size)
     for line in plan.lines:
         log(line)
@@ -187,7 +195,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
     B, T, A = cfg.device_batch_size, cfg.max_seq_len, plan.grad_accum_steps
     train_files, val_file = split_shards(cfg.data_dir)
     data_states = resume["data"] if resume is not None else [None] * A
-    streams = [PackedStream(train_files, cfg.tokenizer_dir, B, T, slot=rank * A + a, num_slots=world_size * A,
+    streams = [PackedStream(train_files, tokenizer, B, T, slot=rank * A + a, num_slots=world_size * A,
                             state=data_states[a], backend=cfg.data_backend, actors=cfg.data_actors)
                for a in range(A)]
 
@@ -231,7 +239,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None) -> dict:
             model.eval()
             # A fresh stream each time, so every evaluation sees the same batches (tokenized inline: it is
             # small, and starting an actor pool per evaluation would cost more).
-            with val_stream(val_file, cfg.tokenizer_dir, B, T, rank, world_size) as val_batches, autocast_ctx:
+            with val_stream(val_file, tokenizer, B, T, rank, world_size) as val_batches, autocast_ctx:
                 val_bpb = evaluate_bpb(model, ((vx.to(device), vy.to(device)) for vx, vy in val_batches),
                                        eval_steps, token_bytes)
             log(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
@@ -399,5 +407,5 @@ def train_loop_per_worker(config: dict) -> None:
     from raychat.session import RayTrainSession
 
     cfg = TrainConfig.from_dict(config["cfg"])
-    train(cfg, RayTrainSession(), fit_id=config["fit_id"])
+    train(cfg, RayTrainSession(), fit_id=config["fit_id"], tokenizer_files=config.get("tokenizer_files"))
 

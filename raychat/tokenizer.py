@@ -10,6 +10,7 @@ A `Tokenizer` wraps one tiktoken `Encoding` named "rustbpe": 256 byte tokens plu
 
 No Ray imports here: the tokenizer runs inside Ray Data actors, training workers and plain scripts alike.
 """
+import io
 import os
 import pickle
 from collections.abc import Iterable, Iterator
@@ -99,12 +100,17 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer at {path}: {_HOW_TO_TRAIN}")
         with open(path, "rb") as f:
-            try:
-                enc = _EncodingUnpickler(f).load()
-            except pickle.UnpicklingError as e:
-                raise ValueError(f"{path} is not a tokenizer raychat will load: {e}. {_HOW_TO_TRAIN}") from e
+            return cls.from_bytes(f.read(), where=path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "tokenizer bytes") -> "Tokenizer":
+        """The tokenizer from the bytes of a tokenizer.pkl (how the driver ships it to workers on other nodes)."""
+        try:
+            enc = _EncodingUnpickler(io.BytesIO(data)).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{where} is not a tokenizer raychat will load: {e}. {_HOW_TO_TRAIN}") from e
         if not isinstance(enc, tiktoken.Encoding):
-            raise ValueError(f"{path} holds a {type(enc).__name__}, not a pickled tiktoken Encoding; "
+            raise ValueError(f"{where} holds a {type(enc).__name__}, not a pickled tiktoken Encoding; "
                              f"{_HOW_TO_TRAIN}")
         return cls(enc)
 

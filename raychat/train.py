@@ -26,20 +26,19 @@ def preflight(cfg: TrainConfig):
     from raychat import checkpoint as ckpt_files
     from raychat.data.shards import split_shards, validate_shard
     from raychat.data.stream import inspect_files
-    from raychat.session import _list_remote_steps, _first_complete, run_dir
-    from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
+    from raychat.session import _first_complete, _list_remote_steps, run_dir
+    from raychat.tokenizer import TOKENIZER_FILE, Tokenizer
 
+    # Both tokenizer files must load here: missing or corrupt, every worker would fail and be retried.
+    files = read_tokenizer_files(cfg.tokenizer_dir)
+    where = f"{cfg.tokenizer_dir}/{TOKENIZER_FILE}"
     try:
-        tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
-    except (FileNotFoundError, ValueError):
+        tokenizer = Tokenizer.from_bytes(files[TOKENIZER_FILE], where=where)
+    except ValueError:
         raise
     except Exception as e:  # a truncated or foreign pickle raises UnpicklingError, EOFError, ...
-        raise ValueError(f"{os.path.join(cfg.tokenizer_dir, TOKENIZER_FILE)} cannot be loaded ({type(e).__name__}: "
-                         f"{e}): it is corrupt or not a tokenizer; retrain it with `python -m scripts.tok_train`") from e
-    # The workers read token_bytes.pt for bpb: missing, each would fail and be retried --max-failures times.
-    if not os.path.isfile(os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE)):
-        raise FileNotFoundError(f"{os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE)} is missing (bits per byte needs "
-                                "it); rerun `python -m scripts.tok_train`, which writes it beside tokenizer.pkl")
+        raise ValueError(f"{where} cannot be loaded ({type(e).__name__}: {e}): it is corrupt or not a tokenizer; "
+                         "retrain it with `python -m scripts.tok_train`") from e
     train_files, val_file = split_shards(cfg.data_dir)
     for path in train_files[:1] + [val_file]:
         validate_shard(path)
@@ -123,6 +122,25 @@ def resolve_device(cfg: TrainConfig) -> TrainConfig:
                                device_type="cuda" if use_gpu else (cfg.device_type or "cpu"))
 
 
+def read_tokenizer_files(tokenizer_dir: str) -> dict:
+    """The tokenizer's two small files as bytes (local path or s3://, gs://): workers and data actors on any
+    node get the tokenizer with their config, so no node needs the directory."""
+    import pyarrow.fs as pafs
+
+    from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE
+
+    fs, root = pafs.FileSystem.from_uri(tokenizer_dir if "://" in tokenizer_dir else os.path.abspath(tokenizer_dir))
+    files = {}
+    for name in (TOKENIZER_FILE, TOKEN_BYTES_FILE):
+        try:
+            with fs.open_input_stream(f"{root}/{name}") as f:
+                files[name] = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{tokenizer_dir}/{name} is missing: train a tokenizer with "
+                                    "`python -m scripts.tok_train` or pass --tokenizer-dir") from None
+    return files
+
+
 def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -137,7 +155,8 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
     env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "fit_id": fit_id or uuid.uuid4().hex},
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "fit_id": fit_id or uuid.uuid4().hex,
+                           "tokenizer_files": read_tokenizer_files(cfg.tokenizer_dir)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.storage_path,

@@ -31,18 +31,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_job_server(url: str, timeout_s: float = 60.0) -> None:
-    """The dashboard's HTTP server comes up a little after the head's GCS; submitting earlier fails."""
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_for_job_server(url: str, head_node, timeout_s: float = 90.0) -> None:
+    """Block until a submitted job would be accepted. Two things come up after the head's GCS: the dashboard's
+    HTTP server, and the head node's dashboard agent, which actually runs jobs. Until the agent has registered
+    its address in the GCS, `ray job submit` fails with "No available agent to submit job" (seen here ~10 s
+    after the dashboard answered, on a loaded 2-core machine). There is no public readiness call for the
+    agent, so this reads the key the dashboard's JobHead itself looks up (ray 2.60 job_head.py)."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head_node.node_id}".encode()
+    gcs = head_node.get_gcs_client()
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+    while not (_answers(url) and gcs.internal_kv_get(key, KV_NAMESPACE_DASHBOARD)):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the dashboard at {url} did not answer within {timeout_s:.0f} s")
+            raise TimeoutError(f"the job server at {url} (dashboard + head agent) was not ready within "
+                               f"{timeout_s:.0f} s; see the dashboard*.log files under $RAY_TMPDIR")
         time.sleep(0.2)
 
 
@@ -79,7 +91,7 @@ def main() -> int:
         cluster.add_node(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         url = f"http://127.0.0.1:{port}"
-        wait_for_job_server(url)
+        wait_for_job_server(url, cluster.head_node)
         nodes = [cluster.head_node.node_id] + [n.node_id for n in cluster.worker_nodes]
         print(json.dumps({"dashboard": url, "gcs": cluster.gcs_address, "nodes": nodes}), flush=True)
         submission_id = sys.stdin.readline().strip()

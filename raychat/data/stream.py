@@ -94,13 +94,20 @@ def tokenize_row_group(tokenizer, path: str, row_group: int, bos_id: int, thread
 
 # ---- the Ray Data actor --------------------------------------------------------------------------------
 
+def _as_tokenizer(tokenizer):
+    """A Tokenizer from a directory path, or the Tokenizer itself."""
+    if isinstance(tokenizer, str):
+        from raychat.tokenizer import Tokenizer
+
+        return Tokenizer.from_directory(tokenizer)
+    return tokenizer
+
+
 class _TokenizeRowGroups:
     """Ray Data callable class: loads the tokenizer once per actor; one input row = one row group."""
 
-    def __init__(self, tokenizer_dir: str, threads: int):
-        from raychat.tokenizer import Tokenizer
-
-        self.tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    def __init__(self, tokenizer, threads: int):
+        self.tokenizer = _as_tokenizer(tokenizer)
         self.bos_id = self.tokenizer.get_bos_token_id()
         self.threads = threads
 
@@ -144,7 +151,7 @@ class SlotDocuments:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if not isinstance(slot, int) or not 0 <= slot < num_slots:
             raise ValueError(f"slot={slot!r} must be an integer in [0, num_slots={num_slots})")
-        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.pkl")):
+        if isinstance(tokenizer_dir, str) and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.pkl")):
             raise FileNotFoundError(f"tokenizer_dir={tokenizer_dir!r} holds no tokenizer.pkl; train one with "
                                     "`python -m scripts.tok_train`")
         self.files = [f if "://" in f else os.path.abspath(f) for f in files] if isinstance(files, list) else files
@@ -156,7 +163,9 @@ class SlotDocuments:
             raise ValueError(f"slot {slot} of num_slots={num_slots} gets no row groups: the files have at most "
                              f"{max(self.row_group_counts)} row groups each. Use fewer slots (workers x "
                              "grad-accum steps) or shards with more row groups")
-        self.tokenizer_dir = os.path.abspath(tokenizer_dir)
+        # A directory, or a loaded Tokenizer: the trainer passes the object, so actors on nodes without the
+        # tokenizer files receive it with their constructor arguments.
+        self.tokenizer_dir = os.path.abspath(tokenizer_dir) if isinstance(tokenizer_dir, str) else tokenizer_dir
         self.slot, self.num_slots, self.backend = slot, num_slots, backend
         self.chunk_size, self.tokenizer_threads = chunk_size, tokenizer_threads
         self.actors, self.actor_num_cpus, self.window, self.prefetch = actors, actor_num_cpus, window, prefetch
@@ -191,9 +200,7 @@ class SlotDocuments:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from raychat.tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.from_directory(self.tokenizer_dir)
+            self._tokenizer = _as_tokenizer(self.tokenizer_dir)
         return self._tokenizer
 
     def _read_inline(self, item: int):
@@ -270,6 +277,7 @@ class PackedStream:
     """Infinite iterator of (inputs, targets) int64 CPU tensors (B, T) for one slot, with exact resume.
 
     PackedStream(files, tokenizer_dir, B, T, slot, num_slots, state=None, backend="ray"|"inline", ...)
+    - tokenizer_dir: a tokenizer directory, or a loaded raychat Tokenizer (shipped to the actors).
     - files: the training shards in order (or [val_file]); validated from their footers up front.
     - state: a dict from state_dict() (possibly through json): continue exactly where that stream was.
     - state_dict() may be called between any two batches; `epoch` is the epoch of the last fetched chunk.
