@@ -152,7 +152,8 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
     # Worker prints go straight to stdout (Train's print patch would echo every line twice here), and the
     # step line is the progress report: no Ray Data progress bars for the internal token streams.
-    env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
+               PYTORCH_ALLOC_CONF="expandable_segments:True")  # as the reference sets before importing torch
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "fit_id": fit_id or uuid.uuid4().hex,
