@@ -4,9 +4,10 @@
 
 Part 1, the files (no Ray): for each depth, the reference's model at that depth (T 2048, vocab 32768, aspect
 64, head_dim 128, value embeddings) is built on the meta device and materialised with `to_empty` (no init
-cost), with an optimizer state of exactly MuonAdamW's tensor shapes (AdamW: exp_avg + exp_avg_sq per param;
-Muon: one stacked momentum + factored second moment per group, `raychat.optim._muon_state_shapes`). Timed,
-as the loop does them at a save step (raychat/loop.py "checkpoint"):
+cost; zero-filled outside the timing so its pages are resident, as a trained model's are), with an optimizer
+state of exactly MuonAdamW's tensor shapes (AdamW: exp_avg + exp_avg_sq per param; Muon: one stacked
+momentum + factored second moment per group, `raychat.optim._muon_state_shapes`; checked equal to a real
+`step()`'s state at d4). Timed, as the loop does them at a save step (raychat/loop.py "checkpoint"):
 - `save`: `state_dict()` + `raychat.checkpoint.save_rank_files` into a fresh local temp dir;
 - `upload`: the SYNC upload to local storage (Ray copies the directory: `shutil.copytree` here);
 - `restore`: `raychat.checkpoint.load_rank_files` (completeness check + torch.load of model and optimizer);
@@ -64,6 +65,15 @@ def materialise(depth: int):
             shape1, shape2 = _muon_state_shapes(*params[0].shape, len(params))
             optimizer.state[params[0]] = {"momentum_buffer": torch.empty(shape1, dtype=params[0].dtype),
                                           "second_momentum_buffer": torch.empty(shape2, dtype=torch.float32)}
+    # Touch every page now: a trained model's memory is resident, and first-touch page faults inside the timed
+    # save would be charged to torch.save (they made d4's save ~10x slower in a first run).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for st in optimizer.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
     return model, optimizer
 
 

@@ -38,6 +38,8 @@ BENCH_ENV = {
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }
+for _k, _v in BENCH_ENV.items():
+    os.environ.setdefault(_k, _v)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?\| dt: ([\d.]+)ms \| tok/sec: [\d,]+ \| mfu: ([\d.]+)")

@@ -395,6 +395,10 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     }
     if stopped_reason is not None:
         # A clean return (not an exception): Ray would retry an exception, and a NaN would come back.
+        if master:
+            from raychat.session import write_stop
+
+            write_stop(cfg, stopped_reason)
         session.report({"step": step, "stopped": stopped_reason}, None, step)
     elif master:
         write_run_report(cfg, plan, summary, history)

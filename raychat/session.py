@@ -5,6 +5,7 @@ the checkpoint to resume from, and reporting metrics and checkpoints. `RayTrainS
 worker uses; `LocalSession` runs the same loop in one process without Ray (benchmarks, debugging).
 """
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -140,6 +141,40 @@ class LocalSession(_Session):
             dest = os.path.join(self.run_dir, ckpt_files.step_dir_name(step))
             shutil.rmtree(dest, ignore_errors=True)
             shutil.move(checkpoint_dir, dest)
+
+
+STOP_FILE = "stopped.json"
+
+
+def _run_fs(cfg):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(run_dir(cfg))  # a local path, s3:// and gs:// alike
+
+
+def write_stop(cfg, reason: str) -> None:
+    """Rank 0 records why training stopped early (a non-finite loss), for the driver to report. A file and not
+    a metric: in Ray Train 2.60 `Result.metrics` holds only the newest *checkpoint's* metrics, so a report
+    without a checkpoint never reaches the driver."""
+    fs, root = _run_fs(cfg)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{STOP_FILE}") as f:
+        f.write(json.dumps({"stopped": reason}).encode())
+
+
+def read_stop(cfg, remove: bool = False) -> str | None:
+    """The reason recorded by `write_stop`, or None; `remove` deletes it (a rerun continues the run)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _run_fs(cfg)
+    path = f"{root}/{STOP_FILE}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        reason = json.loads(f.read().decode())["stopped"]
+    if remove:
+        fs.delete_file(path)
+    return reason
 
 
 def new_checkpoint_dir() -> str:

@@ -193,15 +193,18 @@ def main(argv=None) -> int:
         return 2
     from ray.train import TrainingFailedError
 
+    from raychat.session import read_stop
+
+    read_stop(cfg, remove=True)  # a rerun continues the run: an earlier stop no longer applies
     try:
-        result = build_trainer(cfg).fit()
+        build_trainer(cfg).fit()
     except TrainingFailedError as e:
         print(f"error: training failed after {cfg.max_failures} automatic restart(s): {e}\n"
               f"Checkpoints are kept: rerun the same command (--run-name {cfg.run_name}) to resume.", file=sys.stderr)
         return 1
-    metrics = result.metrics or {}
-    if metrics.get("stopped"):
-        print(f"error: training stopped: {metrics['stopped']}", file=sys.stderr)
+    stopped = read_stop(cfg)
+    if stopped:
+        print(f"error: training stopped: {stopped}", file=sys.stderr)
         return 1
     print(f"Done. Checkpoints and report in {cfg.storage_path.rstrip('/')}/{cfg.run_name}")
     return 0

@@ -33,27 +33,44 @@ def free_port() -> int:
 
 def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2) as r:
             return r.status == 200
     except OSError:
         return False
 
 
-def wait_for_job_server(url: str, head_node, timeout_s: float = 90.0) -> None:
-    """Block until a submitted job would be accepted. Two things come up after the head's GCS: the dashboard's
-    HTTP server, and the head node's dashboard agent, which actually runs jobs. Until the agent has registered
-    its address in the GCS, `ray job submit` fails with "No available agent to submit job" (seen here ~10 s
-    after the dashboard answered, on a loaded 2-core machine). There is no public readiness call for the
-    agent, so this reads the key the dashboard's JobHead itself looks up (ray 2.60 job_head.py)."""
-    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+def _job_agent_url(gcs) -> str | None:
+    """The head node's job agent as the dashboard's JobHead finds it (ray 2.60 job_head.py
+    `_get_head_node_agent_once`): the head node id under KV_HEAD_NODE_ID_KEY, then that node's agent address.
+    None while either is not yet registered."""
+    from ray._private import ray_constants
     from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
 
-    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head_node.node_id}".encode()
+    head_id = gcs.internal_kv_get(ray_constants.KV_HEAD_NODE_ID_KEY, ray_constants.KV_NAMESPACE_JOB)
+    if not head_id:
+        return None
+    agent = gcs.internal_kv_get(f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head_id.decode()}".encode(),
+                                ray_constants.KV_NAMESPACE_DASHBOARD)
+    if not agent:
+        return None
+    ip, http_port, _ = json.loads(agent)
+    return f"http://{ip}:{http_port}"
+
+
+def wait_for_job_server(url: str, head_node, timeout_s: float = 90.0) -> None:
+    """Block until a submitted job would be accepted. After the head's GCS, three things come up one by one:
+    the dashboard's HTTP server, the head node id record, and the head's dashboard agent (which runs jobs).
+    Submitting before all are up fails with "No available agent to submit job" (seen here on a loaded
+    2-core machine). Ray has no public readiness call for this, so the check reads the same GCS keys the
+    dashboard reads, then waits for the agent's own HTTP server to answer."""
     gcs = head_node.get_gcs_client()
     deadline = time.monotonic() + timeout_s
-    while not (_answers(url) and gcs.internal_kv_get(key, KV_NAMESPACE_DASHBOARD)):
+    while True:
+        agent = _job_agent_url(gcs) if _answers(f"{url}/api/version") else None
+        if agent and _answers(f"{agent}/api/healthz"):
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the job server at {url} (dashboard + head agent) was not ready within "
+            raise TimeoutError(f"the job server at {url} (dashboard + head agent {agent}) was not ready within "
                                f"{timeout_s:.0f} s; see the dashboard*.log files under $RAY_TMPDIR")
         time.sleep(0.2)
 

@@ -217,9 +217,9 @@ ROWS = {
         _then(lambda ws: pq.write_table(pa.table({"text": [1, 2]}), os.path.join(ws.data, "shard_00000.parquet")),
               _train()), ["column `text` has type int64", "expected string"]),
     # --- tokenizer files ---
-    "tokenizer-missing": (_then(_rm("tokenizer", "tokenizer.pkl"), _train()), ["no tokenizer at", "scripts.tok_train"]),
+    "tokenizer-missing": (_then(_rm("tokenizer", "tokenizer.pkl"), _train()), ["tokenizer.pkl is missing", "scripts.tok_train"]),
     "tokenizer-truncated-pickle": (_then(_truncate(lambda ws: os.path.join(ws.tok, "tokenizer.pkl")), _train()),
-                                   ["tokenizer.pkl cannot be loaded", "retrain it with `python -m scripts.tok_train`"]),
+                                   ["tokenizer.pkl is not a tokenizer raychat will load: pickle data was truncated", "scripts.tok_train"]),
     "tokenizer-not-an-encoding": (_then(_write("tokenizer/tokenizer.pkl", pickle.dumps({"vocab": 1})), _train()),
                                   ["holds a dict, not a pickled tiktoken Encoding", "scripts.tok_train"]),
     "tokenizer-token-bytes-missing": (_then(_rm("tokenizer", "token_bytes.pt"), _train()),

@@ -163,6 +163,24 @@ def _ray_processes(ray_tmp):
     return found
 
 
+def _descendants(pid):
+    """`pid` and every process below it (a local Ray's GCS, raylet and the worker processes they start)."""
+    children = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(p))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found
+
+
 def _reap_ray(ray_tmp, timeout=30):
     """Wait until no process of the killed run's Ray session is left; SIGKILL stragglers (started by this
     test, found by their session directory) after `timeout`. Returns how many had to be killed."""
@@ -181,8 +199,8 @@ def _reap_ray(ray_tmp, timeout=30):
 
 
 def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
-    """SIGKILL the whole `python -m raychat.train` process group (driver, its local Ray, the workers) as soon
-    as the step-4 checkpoint is complete, then run the identical command: it resumes and ends bit-identical."""
+    """SIGKILL `python -m raychat.train` and every process below it (its local Ray, the workers) as soon as the
+    step-4 checkpoint is complete, then run the identical command: it resumes and ends bit-identical."""
     run = os.path.join(storage, "driverkill")
     cmd = [sys.executable, "-m", "raychat.train", *tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "driverkill")]
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -196,7 +214,13 @@ def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_t
             assert proc.poll() is None, f"the run ended before it could be killed:\n{open(tmp_path / 'first.log').read()}"
             assert time.time() < deadline, "no checkpoint within 240 s"
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
+        # The driver, the local Ray it started and the training workers die together, as when the machine
+        # running the driver goes: Ray's processes are not all in the driver's process group, so by pid.
+        for pid in _descendants(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -209,6 +233,7 @@ def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_t
     ray_tmp2 = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     again = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(ray_tmp2), capture_output=True, text=True, timeout=300)
     _reap_ray(ray_tmp2)
+    (tmp_path / "again.log").write_text(again.stdout + again.stderr)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"Resuming from step {max(steps)}" in again.stdout + again.stderr
     assert_same_weights(run, baseline)

@@ -129,7 +129,7 @@ def test_malicious_tokenizer_pickle_is_refused(tmp_path):
     marker = str(tmp_path / "pwned")
     with open(tmp_path / "tokenizer.pkl", "wb") as f:
         pickle.dump(Payload(marker), f)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a tokenizer raychat will load"):
         Tokenizer.from_directory(str(tmp_path))
     assert not os.path.exists(marker), "loading tokenizer.pkl ran code"
 

@@ -184,15 +184,18 @@ def test_smoke_sweep_asha_outputs_best(ray_local, tiny_data_dir, tiny_tokenizer_
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _sweep_env(tmp_path):
+@pytest.fixture
+def sweep_env():
+    """The environment of a sweep run as its own process, which starts (and, killed, leaves) its own local Ray."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    # Its own Ray temp dir: the sweep starts (and, killed, leaves) its own local Ray, apart from the session's.
-    # A short path: Ray's socket paths under it must stay below 108 bytes.
+    # Its own Ray temp dir, apart from the session's; short, as Ray's socket paths under it must stay < 108 bytes.
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # Tune saves its experiment state often, so a kill loses little
     env["PYTHONPATH"] = REPO
-    return env
+    yield env
+    _kill_leftover_ray(env["RAY_TMPDIR"])
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 def _log_events(sweep_dir):
@@ -230,13 +233,13 @@ def _kill_leftover_ray(ray_tmpdir):
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data_dir, tiny_tokenizer_dir, tmp_path, sweep_env):
     storage = str(tmp_path / "sweeps")
     args = [sys.executable, "-m", "raychat.tune", CPU_SMOKE, "--name", "killed", "--storage-path", storage,
             "--set", f"train.data_dir={tiny_data_dir}", "--set", f"train.tokenizer_dir={tiny_tokenizer_dir}",
             "--set", "num_samples=3", "--set", "max_concurrent_trials=1", "--set", "scheduler={type: fifo}"]
     sweep_dir = os.path.join(storage, "killed")
-    env = _sweep_env(tmp_path)
+    env = sweep_env
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -260,11 +263,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data_dir, t
     assert not os.path.exists(os.path.join(sweep_dir, "results.csv"))
     before = {t: _snapshot(os.path.join(sweep_dir, "runs", f"killed-{t}")) for t in finished}
 
-    try:
-        done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
-    finally:
-        _kill_leftover_ray(env["RAY_TMPDIR"])
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     events = _log_events(sweep_dir)
