@@ -27,7 +27,9 @@ from bench.bench_train import REPO, STEP_LINE, bench_env, prepare_bench_data, tr
 
 MARKERS = [("driver ready", re.compile(r"^Run \S+: \d+ steps")),
            ("ray started", re.compile(r"Started a local Ray instance")),
-           ("worker up", re.compile(r"num_layers: \d+")),
+           # The driver prints the same plan lines indented by two spaces; the worker's are not (Ray prefixes them
+           # with "(RayTrainWorker pid=...)").
+           ("worker up", re.compile(r"^(?! ).*num_layers: \d+")),
            ("first step", re.compile(r"step 00000/"))]
 
 

@@ -101,9 +101,12 @@ def main() -> int:
     from ray.cluster_utils import Cluster
 
     port = free_port()
+    # The head's dashboard agent (which runs submitted jobs) listens on 52365 by default, as does that of
+    # every other Ray on this machine (other test sessions): a fixed port loses the race at random and the
+    # job server never becomes ready. Cluster.add_node already gives non-head nodes a random one.
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
         "num_cpus": args.cpus_per_node, "node_ip_address": "127.0.0.1", "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": port})
+        "dashboard_host": "127.0.0.1", "dashboard_port": port, "dashboard_agent_listen_port": free_port()})
     try:
         cluster.add_node(num_cpus=args.cpus_per_node, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()

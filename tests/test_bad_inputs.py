@@ -160,6 +160,25 @@ def _nanochat_dir(ws):
     return ("train", tiny_args(ws, "fresh", "--init-from-nanochat", os.path.join(ws.root, "nanochat_empty")))
 
 
+def _sweep(mutate=None, text=None):
+    """`python -m raychat.tune FILE --dry-run` on tune_configs/cpu_smoke.yaml changed by `mutate`, or on `text`.
+    --dry-run is the same file check a real launch runs first (load_sweep), without a sweep behind it."""
+    def command(ws):
+        if text is None:
+            with open(os.path.join(REPO, "tune_configs", "cpu_smoke.yaml")) as f:
+                config = yaml.safe_load(f)
+            mutate(config)
+            body = yaml.safe_dump(config)
+        else:
+            body = text
+        path = os.path.join(ws.root, "sweep.yaml")
+        with open(path, "w") as f:
+            f.write(body)
+        return ("tune", [path, "--dry-run", "--set", f"train.data_dir={ws.data}", "--set",
+                         f"train.tokenizer_dir={ws.tok}"])
+    return command
+
+
 def _load_rank_files(step):
     def command(ws):
         from raychat import checkpoint as ckpt_files
@@ -235,6 +254,16 @@ ROWS = {
     "ckpt-reader-truncated": (_then(_truncate(lambda ws: os.path.join(ws.step(2), "model.pt")), _load_rank_files(2)),
                               ["is incomplete", "were written: truncated"]),
     "ckpt-nanochat-dir-without-model": (_nanochat_dir, ["no nanochat checkpoint (model_XXXXXX.pt)", "nanochat_empty"]),
+    # --- sweep YAML: python -m raychat.tune ---
+    "sweep-not-yaml": (_sweep(text="train: [unclosed\n"), ["sweep.yaml: not valid YAML", "expected ',' or ']'"]),
+    "sweep-unknown-train-flag": (_sweep(lambda c: c["train"].update(depht=3)),
+                                 ["train.depht: unknown training flag", "python -m raychat.train --help"]),
+    "sweep-unknown-key": (_sweep(lambda c: c.update(num_sampels=3)),
+                          ["num_sampels: unknown key", "valid keys here are"]),
+    "sweep-unknown-distribution": (_sweep(lambda c: c.update(search_space={"matrix_lr": {"gaussian": [0.1, 0.2]}})),
+                                   ["unknown distribution 'gaussian'", "use one of loguniform, uniform"]),
+    "sweep-loguniform-from-zero": (_sweep(lambda c: c.update(search_space={"matrix_lr": {"loguniform": [0.0, 0.1]}})),
+                                   ["loguniform needs low > 0", "got 0.0"]),
     # --- cluster files (the autoscaler's own validator, as `ray up` runs it) ---
     "cluster-misspelt-key": (_cluster_yaml(_misspell_max_workers), ["'max_worker' was unexpected", "Additional properties"]),
     "cluster-wrong-type": (_cluster_yaml(_max_workers_text), ["'two' is not of type 'integer'", "max_workers"]),
@@ -254,6 +283,8 @@ def run_command(command, capsys):
         fn = train_main
     elif kind == "data":
         from raychat.data.__main__ import main as fn
+    elif kind == "tune":
+        from raychat.tune import main as fn
     else:
         from scripts.tok_train import main as fn
     try:

@@ -288,25 +288,59 @@ def _python_commands(text):
     return found
 
 
-# A usage synopsis (`python -m raychat.data {download,prepare}`, `[--step N]`, `<dir>`) is not a command.
-_SYNOPSIS = re.compile(r"[{}<>\[\]]|\.\.\.|\bX\b")
+# A usage synopsis (`python -m raychat.data {download,prepare}`, `[--step N]`, `<dir>`, `FILE`) is not a command.
+_SYNOPSIS = re.compile(r"[{}<>\[\]]|\.\.\.|\b(X|FILE)\b")
+
+# Inline mentions in prose that name a CLI's flag rather than give a command to run (its value, a run
+# directory, is in the surrounding sentence). Each must still occur in the docs, so this list cannot go stale.
+_MENTIONS = {"python -m raychat.export --to-nanochat"}
+
+# docs/RELIABILITY.md's table of refused inputs (header `| id | input | message names |`): the commands in its
+# rows are wrong on purpose, and --dry-run must refuse them (exit 2) just as a real launch would.
+_REFUSALS_HEADER = re.compile(r"^\|\s*id\s*\|\s*input\s*\|\s*message names\s*\|")
+
+
+def _split_refusal_tables(text):
+    """(text outside the refused-input tables, their `input` cells one per line). The `message names` cells
+    are left out: they quote the commands an error message recommends, which are not refused."""
+    kept, refused, in_table = [], [], False
+    for line in text.splitlines():
+        if _REFUSALS_HEADER.match(line):
+            in_table = True
+        elif in_table and not line.startswith("|"):
+            in_table = False
+        if in_table:
+            cells = line.split("|")
+            if len(cells) > 2:
+                refused.append(cells[2])
+        else:
+            kept.append(line)
+    return "\n".join(kept), "\n".join(refused)
 
 
 def _documented_commands():
+    """({command: source} to run and succeed, {command: source} documented as refused, mentions seen)."""
     sources = SCRIPTS + ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
                                           if f.endswith(".md")]
-    commands = {}
+    commands, refusals, mentions = {}, {}, set()
     for src in sources:
         if os.path.isfile(os.path.join(ROOT, src)):
-            for cmd in _python_commands(_read(src)):
-                if not _SYNOPSIS.search(cmd):
+            text, refused = _split_refusal_tables(_read(src))
+            for cmd in _python_commands(refused):
+                if not _SYNOPSIS.search(cmd) and len(shlex.split(cmd)) > 3:
+                    refusals.setdefault(cmd, src)
+            for cmd in _python_commands(text):
+                if cmd in _MENTIONS:
+                    mentions.add(cmd)
+                # Bare `python -m raychat.data` names the CLI in a sentence; it is not an invocation.
+                elif not _SYNOPSIS.search(cmd) and len(shlex.split(cmd)) > 3:
                     commands.setdefault(cmd, src)
     for cmd in _python_commands(_rayjob()[0]["spec"]["entrypoint"]):
         commands.setdefault(cmd, RAYJOB)
-    return commands
+    return commands, refusals, mentions
 
 
-_COMMANDS = _documented_commands()
+_COMMANDS, _REFUSALS, _MENTIONS_SEEN = _documented_commands()
 
 # Runs `python -m MODULE ARGS --dry-run` for each command inside ONE interpreter (runpy, as `-m` does),
 # so the suite pays torch/Ray imports once instead of once per command. Each command gets its own empty
@@ -338,7 +372,7 @@ def _module_exists(module):
 
 @pytest.fixture(scope="module")
 def dry_run_results():
-    runnable = {c: shlex.split(c)[2:] for c in _COMMANDS if _module_exists(shlex.split(c)[2])}
+    runnable = {c: shlex.split(c)[2:] for c in {**_COMMANDS, **_REFUSALS} if _module_exists(shlex.split(c)[2])}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(runnable), cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -361,3 +395,21 @@ def test_documented_command_parses_with_dry_run(command, dry_run_results):
     assert code == 0, (f"`{command} --dry-run` (from {_COMMANDS[command]}) exited {code}; every CLI's --dry-run "
                        f"must parse and validate the flags and exit 0 without touching data, storage or the "
                        f"network:\n{err}{out}")
+
+
+def test_every_listed_mention_is_still_in_the_docs():
+    assert _MENTIONS_SEEN == _MENTIONS, f"no longer in the docs, remove from _MENTIONS: {_MENTIONS - _MENTIONS_SEEN}"
+
+
+def test_the_refused_input_table_was_found():
+    assert _REFUSALS, "docs/RELIABILITY.md's `| id | input | message names |` table lists no command any more"
+
+
+@pytest.mark.parametrize("command", sorted(_REFUSALS), ids=lambda c: c[:90])
+def test_documented_refusal_is_refused_by_dry_run(command, dry_run_results):
+    module = shlex.split(command)[2]
+    if not _module_exists(module):
+        pytest.skip(f"{module} does not exist yet (documented in {_REFUSALS[command]})")
+    code, out, err = dry_run_results[command]
+    assert code == 2 and "error" in err, (f"`{command} --dry-run` is documented as refused (in {_REFUSALS[command]}) "
+                                          f"but exited {code}; --dry-run must validate like a real launch:\n{err}{out}")

@@ -55,11 +55,14 @@ def test_job_submit_spreads_two_workers_over_two_nodes(tiny_data_dir, tiny_token
     submission_id = f"raychat-{name}"
     assert _our_ray_processes(ray_tmpdir) == []
 
+    # The helper's stderr (Ray's own logging) goes to a file: a pipe nobody drains could fill and stall it.
+    helper_log_path = tmp_path / "cluster_helper.log"
+    helper_log = open(helper_log_path, "w")
     helper = subprocess.Popen([sys.executable, HELPER, "--cpus-per-node", "1"], cwd=REPO, env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=helper_log)
     try:
         ready_line = helper.stdout.readline()
-        assert ready_line, f"the cluster helper exited early:\n{helper.stderr.read()[-4000:]}"
+        assert ready_line, f"the cluster helper exited early:\n{helper_log_path.read_text()[-4000:]}"
         ready = json.loads(ready_line)
         assert len(set(ready["nodes"])) == 2
         raylets = [p for p in _our_ray_processes(ray_tmpdir) if "raylet" in p.split()[1]]
@@ -88,9 +91,10 @@ def test_job_submit_spreads_two_workers_over_two_nodes(tiny_data_dir, tiny_token
             except subprocess.TimeoutExpired:
                 helper.kill()
                 helper.wait()
+        helper_log.close()
     leftovers = _wait_gone(ray_tmpdir)
     shutil.rmtree(ray_tmpdir, ignore_errors=True)
-    assert helper.returncode == 0, f"the cluster helper failed:\n{helper.stderr.read()[-4000:]}"
+    assert helper.returncode == 0, f"the cluster helper failed:\n{helper_log_path.read_text()[-4000:]}"
     assert leftovers == [], f"Ray processes outlived the cluster: {leftovers}"
 
     assert report["job_status"] == "SUCCEEDED", f"job {submission_id} ended {report['job_status']}:\n{log}"

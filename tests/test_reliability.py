@@ -227,12 +227,14 @@ def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_t
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     _reap_ray(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     steps = [s for s, p in ckpt_files.list_step_dirs(run) if ckpt_files.check_complete(p) is None]
     assert steps and max(steps) < STEPS, f"the kill came too late to test anything: complete steps {steps}"
 
     ray_tmp2 = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     again = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(ray_tmp2), capture_output=True, text=True, timeout=300)
     _reap_ray(ray_tmp2)
+    shutil.rmtree(ray_tmp2, ignore_errors=True)
     (tmp_path / "again.log").write_text(again.stdout + again.stderr)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"Resuming from step {max(steps)}" in again.stdout + again.stderr
@@ -283,6 +285,7 @@ def _node_loss(args, tmp_path, extra_env=None):
     out = subprocess.run([sys.executable, "-c", _NODE_LOSS_SCRIPT, json.dumps(args)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     _reap_ray(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     (tmp_path / "node_loss.log").write_text(out.stdout + out.stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "NODE REMOVED" in out.stdout, "the node was never removed: the run ended first"
