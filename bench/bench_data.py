@@ -1,4 +1,4 @@
-"""Tokenizer and shard throughput, measured in one run (results in docs/bench/data.md).
+"""Tokenizer and shard throughput, measured in one run (results in docs/BENCHMARKS.md).
 
     python bench/bench_data.py [--chars 5000000] [--vocab-size 4096]
 

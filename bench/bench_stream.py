@@ -1,4 +1,4 @@
-"""Packed-stream throughput: Ray Data tokenizer actors vs the reference's inline loop (docs/bench/stream.md).
+"""Packed-stream throughput: Ray Data tokenizer actors vs the reference's inline loop (docs/BENCHMARKS.md).
 
     python bench/bench_stream.py [--batches 120] [--B 8] [--T 2048] [--vocab-size 4096]
 

@@ -14,10 +14,10 @@ not recompile them. On CUDA the kernels are `torch.compile(dynamic=False, fullgr
 reference; on CPU they run eagerly (see COMPILE_KERNELS).
 
 Precision (§3.2 QUIRK, §5). The reference runs Polar Express in bf16 and then casts beta2, lr and wd to the
-result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype=None` reproduces that wherever bf16 matmuls are
-native: on CUDA, and on CPUs where torch runs bf16 matmuls through oneDNN (AVX512 / AMX / ARM bf16; there
-bf16 Polar Express is 4-10x *faster* than fp32, docs/bench/core.md). On other CPUs bf16 is emulated, ~20x
-slower (95% of a d4 step), so there it falls back to fp32 orthogonalisation, with exact beta2/lr/wd.
+result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype=None` reproduces that on CUDA. On CPU it runs the
+orthogonalisation in fp32 with exact beta2/lr/wd ("fp32 on CPU unless asked"): where bf16 matmuls are
+emulated the reference's bf16 path is ~20x slower (95% of a d4 step); where they are native (oneDNN on
+AVX512/AMX/ARM bf16) bf16 is faster, and `ortho_dtype=torch.bfloat16` opts in (docs/BENCHMARKS.md).
 """
 import functools
 import math
