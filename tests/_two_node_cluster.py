@@ -1,6 +1,6 @@
 """A two-node Ray cluster on 127.0.0.1 for tests/test_multinode.py, run as its own process.
 
-    python tests/_two_node_cluster.py [--cpus-per-node 1]
+    python tests/_two_node_cluster.py [--cpus-per-node 1] [--dry-run]
 
 Why a helper process: the test process may already hold the session's local Ray (conftest `ray_local`), and
 a process can attach to one Ray only, so this cluster lives elsewhere. Why `ray.cluster_utils.Cluster` and
@@ -94,9 +94,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpus-per-node", type=int, default=1,
                         help="logical CPUs per node: 1 forces two 1-CPU workers onto different nodes")
+    parser.add_argument("--dry-run", action="store_true", help="validate the flags, print them, start nothing")
     args = parser.parse_args()
     if args.cpus_per_node < 1:
         parser.error(f"--cpus-per-node={args.cpus_per_node}: must be >= 1 (a Train worker needs a CPU)")
+    if args.dry_run:
+        print(f"two nodes on 127.0.0.1, {args.cpus_per_node} CPU(s) each, dashboard on a free port")
+        return 0
 
     from ray.cluster_utils import Cluster
 

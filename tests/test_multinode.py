@@ -32,7 +32,9 @@ def _our_ray_processes(ray_tmpdir: str) -> list[str]:
     return [line for line in out.splitlines() if line.strip() and "pgrep" not in line]
 
 
-def _wait_gone(ray_tmpdir: str, timeout_s: float = 20.0) -> list[str]:
+def _wait_gone(ray_tmpdir: str, timeout_s: float = 60.0) -> list[str]:
+    """Ray's worker processes exit on their own once their raylet is gone, which takes seconds on a loaded
+    machine: poll rather than check once."""
     deadline = time.monotonic() + timeout_s
     while (left := _our_ray_processes(ray_tmpdir)) and time.monotonic() < deadline:
         time.sleep(0.2)
