@@ -15,11 +15,12 @@ Everything is read with `torch.load(weights_only=True)`: loading a checkpoint ne
 nanochat's own layout (`model_{step:06d}.pt`, `meta_{step:06d}.json`, `optim_{step:06d}_rank{r}.pt`) is
 written by `export_nanochat` and read by `load_nanochat_model`.
 """
+import copy
 import glob
 import json
-import math
 import os
 import re
+import threading
 
 import torch
 
@@ -54,6 +55,51 @@ def save_rank_files(directory: str, rank: int, optim_state: dict, data_state, mo
     written += [f"optim_rank{rank}.pt", f"data_rank{rank}.json"]
     sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in written}
     _write_json(os.path.join(directory, f"done_rank{rank}.json"), {"files": sizes})
+
+
+def _snapshot(obj):
+    """A copy of a (nested) state on the CPU that later training steps cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class BackgroundWriter:
+    """Writes a checkpoint's files on a thread, so the step loop pauses only to snapshot the state.
+
+    `submit` copies the state (to CPU memory) on the caller's thread, then `save_rank_files` runs in the
+    background while training continues; `wait` joins it (re-raising its error). One write at a time: a
+    submit waits for the previous one. The files become a checkpoint only when reported after `wait`."""
+
+    def __init__(self):
+        self._thread = None
+        self._error = None
+
+    def submit(self, directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
+               meta: dict | None = None) -> None:
+        self.wait()
+        args = (directory, rank, _snapshot(optim_state), _snapshot(data_state), _snapshot(model_state), _snapshot(meta))
+
+        def run():
+            try:
+                save_rank_files(*args)
+            except BaseException as e:  # surfaced by wait() on the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="raychat-checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing the checkpoint failed: {error}") from error
 
 
 def read_meta(directory: str) -> dict:

@@ -21,6 +21,7 @@ from raychat import checkpoint as ckpt_files
 from raychat.common import autodetect_device_type, get_peak_flops
 from raychat.config import TrainConfig, derive
 from raychat.schedules import lr_multiplier, muon_momentum, muon_weight_decay
+from raychat.session import new_checkpoint_dir
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -229,7 +230,21 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     stopped_reason = None
 
     profiler = _start_profiler(cfg, device_type) if cfg.profile and master else None
+    writer = ckpt_files.BackgroundWriter()
+    pending_report = None
+
+    def flush_report():
+        """Finish the pending checkpoint write and report it; every rank calls this at the same steps."""
+        nonlocal pending_report
+        if pending_report is not None:
+            writer.wait()
+            if pending_report[1] is not None:
+                _inject_failure(cfg, rank, pending_report[2], "kill-in-checkpoint")
+            session.report(*pending_report)
+            pending_report = None
+
     while True:
+        flush_report()
         last_step = step == N
         flops_so_far = flops_per_step * step
         metrics = {}
@@ -285,8 +300,6 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                 metrics.setdefault("val_bpb", val_bpb)  # carried forward: every report has it (RAY_PRACTICE §3)
             checkpoint_dir = None
             if save:
-                from raychat.session import new_checkpoint_dir
-
                 checkpoint_dir = new_checkpoint_dir()
                 meta = {
                     "step": step, "val_bpb": val_bpb, "model_config": plan.model_config,
@@ -296,11 +309,11 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                                    "total_training_time": total_training_time},
                     "history": history,
                 }
-                ckpt_files.save_rank_files(checkpoint_dir, rank, optimizer.state_dict(), data_state_for_checkpoint(),
-                                           model_state=orig_model.state_dict() if master else None,
-                                           meta=meta if master else None)
-                _inject_failure(cfg, rank, step, "kill-in-checkpoint")
-            session.report(metrics, checkpoint_dir, step)
+                writer.submit(checkpoint_dir, rank, optimizer.state_dict(), data_state_for_checkpoint(),
+                              model_state=orig_model.state_dict() if master else None, meta=meta if master else None)
+            # Reported once the files are written: at the top of the next step (the write overlaps it), or
+            # right after the loop at the last step.
+            pending_report = (metrics, checkpoint_dir, step)
 
         if last_step:
             break
@@ -378,6 +391,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             gc.collect()
         _inject_failure(cfg, rank, step, "exit")
 
+    flush_report()  # the last step's checkpoint, or the last good one before a stop
     if profiler is not None:
         profiler.stop()
     for st in streams:

@@ -152,7 +152,11 @@ def read_csv(path):
 def test_smoke_sweep_asha_outputs_best(ray_local, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
     from raychat.tune import run_sweep
 
-    sweep = load_sweep(CPU_SMOKE, smoke_overrides(tiny_data_dir, tiny_tokenizer_dir, str(tmp_path / "sweeps")))
+    # One trial at a time: which trials ASHA stops then depends only on their (deterministic) val bpb, not on
+    # which of two concurrent trials reaches a rung first.
+    overrides = {**smoke_overrides(tiny_data_dir, tiny_tokenizer_dir, str(tmp_path / "sweeps")),
+                 "max_concurrent_trials": 1}
+    sweep = load_sweep(CPU_SMOKE, overrides)
     rows, command = run_sweep(sweep)
 
     assert len(rows) == 4 and len({r.trial for r in rows}) == 4
