@@ -6,7 +6,7 @@
 #      tokens streamed by Ray Data, checkpoints every 100 steps
 #   4. evaluation (bits per byte on train/val) and samples
 # Everything lands under $RAYCHAT_BASE_DIR/quickstart (default ~/.cache/raychat/quickstart).
-#   bash scripts/quickstart.sh            # STEPS=300 by default; rerunning with the same RUN_NAME resumes
+#   bash scripts/quickstart.sh            # STEPS=200 by default; rerunning with the same RUN_NAME resumes
 #   bash scripts/quickstart.sh --dry-run  # every step parses and validates its flags, then exits
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ done
 export OMP_NUM_THREADS=1
 unset RAY_ADDRESS  # always the embedded local Ray, never a cluster this shell points at
 BASE="${RAYCHAT_BASE_DIR:-$HOME/.cache/raychat}/quickstart"
-STEPS="${STEPS:-300}"
+STEPS="${STEPS:-200}"
 RUN_NAME="${RUN_NAME:-quickstart-d4-$(date +%Y%m%d-%H%M%S)}"
 echo "quickstart: base dir $BASE, run $RUN_NAME, $STEPS steps"
 

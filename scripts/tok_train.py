@@ -9,6 +9,7 @@ exceeds --max-chars (the document that crosses it is still used).
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -72,5 +73,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    """main() with the known input errors printed as one line (the message names the file and the fix)."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(cli())

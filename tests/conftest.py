@@ -1,4 +1,5 @@
 """Shared fixtures. Every test runs on loopback with a real local Ray; see RAY_PRACTICE §8."""
+import hashlib
 import os
 import tempfile
 
@@ -88,20 +89,38 @@ def tiny_args(data_dir, tok_dir, storage, name, *extra):
             "--run-name", name, *extra]
 
 
-def final_state(run_dir):
-    steps = ckpt_files.list_step_dirs(run_dir)
-    step, path = steps[-1]
-    assert step == STEPS and ckpt_files.check_complete(path) is None
+def load_step(run_dir, step):
+    """(model state, meta) of a complete checkpoint."""
+    path = os.path.join(run_dir, ckpt_files.step_dir_name(step))
+    assert ckpt_files.check_complete(path) is None, f"{path}: {ckpt_files.check_complete(path)}"
     return torch.load(os.path.join(path, "model.pt"), weights_only=True), ckpt_files.read_meta(path)
 
 
-def assert_same_run(run_dir, baseline_dir):
-    state, meta = final_state(run_dir)
-    ref_state, ref_meta = final_state(baseline_dir)
+def final_state(run_dir):
+    assert ckpt_files.list_step_dirs(run_dir)[-1][0] == STEPS
+    return load_step(run_dir, STEPS)
+
+
+def assert_same_run(run_dir, baseline_dir, step=STEPS):
+    """Weights, train-loss and val-bpb history at `step` equal the uninterrupted run's, exactly."""
+    state, meta = load_step(run_dir, step)
+    ref_state, ref_meta = load_step(baseline_dir, step)
+    assert state.keys() == ref_state.keys()
     for k in ref_state:
-        assert torch.equal(state[k], ref_state[k]), f"{k} differs from the uninterrupted run"
+        assert torch.equal(state[k], ref_state[k]), f"step {step}: {k} differs from the uninterrupted run"
     assert meta["history"]["train_loss"] == ref_meta["history"]["train_loss"]
     assert meta["history"]["val_bpb"] == ref_meta["history"]["val_bpb"]
+
+
+def tree_hashes(root):
+    """sha256 of every file under root: to show that nothing saved was touched."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ same before and after. The training CLI is called for real (not --dry-run): the 
 preflight, before any Ray work; no row starts Ray except the GPU one (which needs a cluster to ask).
 """
 import dataclasses
-import hashlib
 import os
 import pickle
 import shutil
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import tree_hashes
 from raychat.train import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,16 +74,6 @@ def ws(pristine, tmp_path):
     root = str(tmp_path / "ws")
     shutil.copytree(pristine.root, root)
     return Workspace(root)
-
-
-def tree_hashes(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def write_text_shard(path, texts):

@@ -6,7 +6,6 @@ worker really die (os._exit / SIGKILL of its own process) at a chosen point, or 
 kills the driver's process group, removes a node of a two-node cluster, or damages checkpoint files.
 Driver and node tests run in subprocesses: they need their own Ray (one `ray.init` per process).
 """
-import hashlib
 import json
 import os
 import shutil
@@ -20,63 +19,18 @@ import time
 import pytest
 import torch
 
+from conftest import STEPS, assert_same_run, load_step, tiny_args, tree_hashes
 from raychat import checkpoint as ckpt_files
 from raychat.train import main
 
 pytestmark = pytest.mark.slow
 
-STEPS = 16
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_args(data_dir, tok_dir, storage, name, *extra):
-    """A 16-step, 2-worker run: checkpoints at 4, 8, 12, 16, val bpb at 0, 8, 16, tokens packed in-worker."""
-    return ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
-            "--device-batch-size", "4", "--total-batch-size", "512", "--window-pattern", "SL",
-            "--num-iterations", str(STEPS), "--eval-every", "8", "--eval-tokens", "1024",
-            "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "4",
-            "--data-dir", data_dir, "--tokenizer-dir", tok_dir, "--storage-path", storage,
-            "--run-name", name, "--num-workers", "2", "--data-backend", "inline", *extra]
-
-
-def load_step(run_dir, step):
-    path = os.path.join(run_dir, ckpt_files.step_dir_name(step))
-    assert ckpt_files.check_complete(path) is None, f"{path}: {ckpt_files.check_complete(path)}"
-    return torch.load(os.path.join(path, "model.pt"), weights_only=True), ckpt_files.read_meta(path)
-
-
-def assert_same_weights(run_dir, baseline_dir, step=STEPS):
-    state, meta = load_step(run_dir, step)
-    ref_state, ref_meta = load_step(baseline_dir, step)
-    assert state.keys() == ref_state.keys()
-    for k in ref_state:
-        assert torch.equal(state[k], ref_state[k]), f"step {step}: {k} differs from the uninterrupted run"
-    assert meta["history"]["train_loss"] == ref_meta["history"]["train_loss"]
-    assert meta["history"]["val_bpb"] == ref_meta["history"]["val_bpb"]
-
-
-def tree_hashes(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("runs"))
-
-
-@pytest.fixture(scope="module")
-def baseline(ray_local, tiny_data_dir, tiny_tokenizer_dir, storage):
-    """The uninterrupted run every faulted run must reproduce exactly."""
-    assert main(tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "baseline")) == 0
-    run = os.path.join(storage, "baseline")
-    assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8, 12, 16]
-    return run
+def fault_args(data_dir, tok_dir, storage, name, *extra):
+    """The shared tiny 2-worker run (conftest.tiny_args), tokens packed in the worker."""
+    return tiny_args(data_dir, tok_dir, storage, name, "--num-workers", "2", "--data-backend", "inline", *extra)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,12 +40,12 @@ def baseline(ray_local, tiny_data_dir, tiny_tokenizer_dir, storage):
 def test_worker_sigkilled_mid_step_recovers_exactly(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
     """Rank 1 (not the master) SIGKILLs itself between its backward pass and the optimizer step of step 10,
     while rank 0 waits in the gradient all-reduce: Ray Train restarts both from the step-8 checkpoint."""
-    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killstep", "--max-failures", "1",
+    args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killstep", "--max-failures", "1",
                      "--debug-fail-at-step", "10", "--debug-fail-kind", "kill", "--debug-fail-rank", "1")
     assert main(args) == 0
     run = os.path.join(storage, "killstep")
     assert os.path.exists(os.path.join(run, ".injected_failure_step10")), "the fault never fired"
-    assert_same_weights(run, baseline)
+    assert_same_run(run, baseline)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,14 +57,14 @@ def test_worker_killed_while_checkpoint_is_written(baseline, tiny_data_dir, tiny
     persisted, while rank 1 persists its own: storage may hold a step_000008 with rank 1's files only. That
     directory never counts as a checkpoint (no meta.json, no done_rank0.json); the restart uses step 4 and
     rewrites step 8 in full."""
-    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killckpt", "--max-failures", "1",
+    args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killckpt", "--max-failures", "1",
                      "--debug-fail-at-step", "8", "--debug-fail-kind", "kill-in-checkpoint")
     assert main(args) == 0
     run = os.path.join(storage, "killckpt")
     assert os.path.exists(os.path.join(run, ".injected_failure_step8")), "the fault never fired"
     assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8, 12, 16]
     for step in (8, STEPS):
-        assert_same_weights(run, baseline, step)
+        assert_same_run(run, baseline, step)
 
 
 def test_partial_checkpoint_of_one_rank_is_never_resumed(baseline, tmp_path):
@@ -202,7 +156,7 @@ def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_t
     """SIGKILL `python -m raychat.train` and every process below it (its local Ray, the workers) as soon as the
     step-4 checkpoint is complete, then run the identical command: it resumes and ends bit-identical."""
     run = os.path.join(storage, "driverkill")
-    cmd = [sys.executable, "-m", "raychat.train", *tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "driverkill")]
+    cmd = [sys.executable, "-m", "raychat.train", *fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "driverkill")]
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(ray_tmp), stdout=log, stderr=subprocess.STDOUT,
@@ -238,7 +192,7 @@ def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_t
     (tmp_path / "again.log").write_text(again.stdout + again.stderr)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"Resuming from step {max(steps)}" in again.stdout + again.stderr
-    assert_same_weights(run, baseline)
+    assert_same_run(run, baseline)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,12 +252,12 @@ def test_node_removed_run_waits_for_capacity_then_recovers(baseline, tiny_data_d
     12 s there is room for one worker only, so Ray Train's restarts time out (RAY_TRAIN_WORKER_GROUP_START_
     TIMEOUT_S, 5 s here, 60 s by default) and are retried without limit; then a replacement node joins, the
     worker group starts on it and the run ends bit-identical."""
-    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nodeloss", "--max-failures", "1")
+    args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nodeloss", "--max-failures", "1")
     log = _node_loss(args, tmp_path, {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
     assert "RC 0" in log, log[-3000:]
     assert "NODE ADDED" in log
     assert "worker group startup timed out after 5.0 seconds" in log, "no restart waited for capacity"
-    assert_same_weights(os.path.join(storage, "nodeloss"), baseline)
+    assert_same_run(os.path.join(storage, "nodeloss"), baseline)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,12 +275,12 @@ def test_incomplete_latest_checkpoints_are_skipped(baseline, tiny_data_dir, tiny
     os.remove(os.path.join(run, "step_000012", "data_rank1.json"))
     with open(os.path.join(run, "step_000008", "model.pt"), "r+b") as f:
         f.truncate(os.path.getsize(f.name) // 2)
-    assert main(tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "damaged")) == 0
+    assert main(fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "damaged")) == 0
     out = capfd.readouterr()
     text = out.out + out.err
     assert "skipping incomplete checkpoint" in text and "step_000012" in text and "step_000008" in text
     assert "data_rank1.json is missing" in text and "truncated" in text
-    assert_same_weights(run, baseline)
+    assert_same_run(run, baseline)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,27 +292,27 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(baseline, 
     """Step 10's loss becomes NaN (on rank 1 only): both ranks stop, the driver exits 1 naming step 10, the
     step-8 checkpoint is untouched and equal to the uninterrupted run's, and a rerun without the fault resumes
     from it and ends bit-identical."""
-    common = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanstop")
+    common = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanstop")
     assert main(common + ["--debug-fail-at-step", "10", "--debug-fail-kind", "nan", "--debug-fail-rank", "1"]) == 1
     err = capsys.readouterr().err
     assert "training stopped: loss became non-finite at step 10" in err, err
     run = os.path.join(storage, "nanstop")
     assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8]
-    assert_same_weights(run, baseline, 8)
+    assert_same_run(run, baseline, 8)
     before = tree_hashes(os.path.join(run, "step_000008"))
     assert main(common) == 0
     assert tree_hashes(os.path.join(run, "step_000008")) == before
-    assert_same_weights(run, baseline)
+    assert_same_run(run, baseline)
 
 
 def test_nan_loss_skipped_with_the_flag(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
     """--nan-policy skip: step 10's update is dropped (every rank agrees), the run finishes with finite
     weights; they differ from the uninterrupted run only because one update is missing."""
-    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanskip", "--nan-policy", "skip",
+    args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanskip", "--nan-policy", "skip",
                      "--debug-fail-at-step", "10", "--debug-fail-kind", "nan")
     assert main(args) == 0
     run = os.path.join(storage, "nanskip")
-    assert_same_weights(run, baseline, 8)
+    assert_same_run(run, baseline, 8)
     state, meta = load_step(run, STEPS)
     ref, _ = load_step(baseline, STEPS)
     assert all(torch.isfinite(v).all() for v in state.values())

@@ -1,6 +1,5 @@
 """PackedStream / SlotDocuments on real parquet shards and a real tokenizer; Ray Data against inline."""
 import json
-import os
 import re
 
 import numpy as np

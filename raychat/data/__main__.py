@@ -84,5 +84,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    """main() with the known input errors printed as one line (the message names the file and the fix)."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

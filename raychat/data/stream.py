@@ -45,6 +45,7 @@ from raychat.data.packing import DEFAULT_BUFFER_SIZE, BestFitPacker, split_rows
 STATE_VERSION = 1
 DEFAULT_CHUNK_SIZE = 128  # the reference's tokenizer batch (spec §7.2)
 DEFAULT_WINDOW = 1024  # row groups per Ray Data dataset; a new pipeline starts after each window
+LOOKAHEAD_BYTES = 256 * 1024**2  # tokenized row groups a Ray Data stream may hold ahead of its trainer
 BACKENDS = ("ray", "inline")
 
 
@@ -230,8 +231,14 @@ class SlotDocuments:
             ds.context.execution_options.preserve_order = True
             # An internal, endless stream: the trainer's step line is the progress report, not Data's bars.
             ds.context.enable_progress_bars = False
+            # Run ahead of the trainer by a bounded amount (backpressure), not through the whole window: an
+            # unbounded look-ahead tokenizes for minutes and takes the cores the training workers need.
+            ds.context.execution_options.resource_limits = ray.data.ExecutionResources(
+                object_store_memory=LOOKAHEAD_BYTES)
+            # An actor tokenizes with as many threads as the CPUs it reserves, so it never oversubscribes them.
+            actor_threads = max(1, int(self.actor_num_cpus))
             ds = ds.map_batches(_TokenizeRowGroups, batch_size=1, batch_format="pyarrow",
-                                fn_constructor_args=(self.tokenizer_dir, self.tokenizer_threads),
+                                fn_constructor_args=(self.tokenizer_dir, actor_threads),
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.actors),
                                 num_cpus=self.actor_num_cpus)
             for table in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=self.prefetch):
