@@ -28,7 +28,7 @@ def _materialise(path: str):
     return ray.train.Checkpoint(path).as_directory()
 
 
-def _list_remote_steps(path: str) -> list[tuple[int, str]]:
+def list_run_steps(path: str) -> list[tuple[int, str]]:
     import pyarrow.fs as pafs
 
     if "://" not in path:
@@ -43,7 +43,7 @@ def _list_remote_steps(path: str) -> list[tuple[int, str]]:
 
 
 @contextlib.contextmanager
-def _first_complete(candidates, log):
+def first_complete(candidates, log):
     """Yield the local directory of the first complete checkpoint among `candidates` (newest first)."""
     for path in candidates:
         with _materialise(path) as d:
@@ -71,7 +71,7 @@ class _Session:
         else `--resume-from-step N` of this run; else the newest complete checkpoint of the run (rerun with
         the same --run-name). Incomplete checkpoints are skipped with a warning.
         """
-        steps = _list_remote_steps(run_dir(cfg))
+        steps = list_run_steps(run_dir(cfg))
         newest_first = [p for _, p in reversed(steps)]
         if cfg.resume_from_step >= 0:
             explicit = [p for s, p in steps if s == cfg.resume_from_step]
@@ -82,7 +82,7 @@ class _Session:
             # Only checkpoints of this very fit() (a retry after a failure) take precedence over it.
             same_fit = [p for s, p in steps if s > cfg.resume_from_step and self._fit_id_of(p) == fit_id]
             newest_first = list(reversed(same_fit)) + explicit
-        with _first_complete(newest_first, self.log) as d:
+        with first_complete(newest_first, self.log) as d:
             if d is None and cfg.resume_from_step >= 0:
                 # A fresh start would silently discard the step the user asked for.
                 raise RuntimeError(f"--resume-from-step {cfg.resume_from_step}: the checkpoint in {run_dir(cfg)} is "

@@ -26,7 +26,7 @@ def preflight(cfg: TrainConfig):
     from raychat import checkpoint as ckpt_files
     from raychat.data.shards import split_shards, validate_shard
     from raychat.data.stream import inspect_files
-    from raychat.session import _first_complete, _list_remote_steps, run_dir
+    from raychat.session import first_complete, list_run_steps, run_dir
     from raychat.tokenizer import TOKENIZER_FILE, Tokenizer
 
     # Both tokenizer files must load here: missing or corrupt, every worker would fail and be retried.
@@ -52,7 +52,7 @@ def preflight(cfg: TrainConfig):
                          "--rows-per-group")
     if cfg.init_from_nanochat:
         ckpt_files.find_nanochat_step(cfg.init_from_nanochat)
-    steps = _list_remote_steps(run_dir(cfg))
+    steps = list_run_steps(run_dir(cfg))
     candidates = [p for _, p in reversed(steps)]  # what a rerun resumes: the newest complete checkpoint
     if cfg.resume_from_step >= 0:
         candidates = [p for s, p in steps if s == cfg.resume_from_step]
@@ -60,7 +60,7 @@ def preflight(cfg: TrainConfig):
             raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: run {run_dir(cfg)} has no such "
                                     f"checkpoint (found steps {[s for s, _ in steps]})")
     if candidates:
-        with _first_complete(candidates, print) as d:
+        with first_complete(candidates, print) as d:
             if d is None and cfg.resume_from_step >= 0:
                 # Never fall back to a fresh start when a step was asked for (the workers refuse it too).
                 raise ValueError(f"--resume-from-step {cfg.resume_from_step}: checkpoint {candidates[0]} is "
