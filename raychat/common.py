@@ -3,6 +3,7 @@
 Nothing here imports Ray, so model, optimizer and tokenizer code can use it.
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -66,3 +67,13 @@ def get_peak_flops(device_name: str) -> float:
         if all(p in name for p in patterns):
             return flops
     return float("inf")
+
+
+def run_cli(main) -> int:
+    """Run a command's main(): the input errors it raises (their messages name the file and the fix) are
+    printed as one `error:` line with exit status 2 instead of a traceback."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

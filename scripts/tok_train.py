@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from raychat.common import get_base_dir
+from raychat.common import get_base_dir, run_cli
 from raychat.data.shards import default_data_dir, iter_texts, split_shards
 from raychat.tokenizer import Tokenizer, iter_cropped
 
@@ -73,14 +73,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli() -> int:
-    """main() with the known input errors printed as one line (the message names the file and the fix)."""
-    try:
-        return main()
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

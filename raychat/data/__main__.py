@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from raychat.common import run_cli
 from raychat.data import shards
 
 
@@ -84,14 +85,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli() -> int:
-    """main() with the known input errors printed as one line (the message names the file and the fix)."""
-    try:
-        return main()
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))
