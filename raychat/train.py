@@ -103,8 +103,11 @@ def init_ray(cfg: TrainConfig):
         return
     # The embedded default: size the local Ray to the machine, with room for the data actors. Logical CPUs
     # may exceed cores; the workers' torch threads are capped by --cpus-per-worker.
+    # The dashboard (on 127.0.0.1 only) serves the Train view and the state API, which Ray Train's placement
+    # group cleaner polls: without it every poll logs a warning.
     needed = cfg.num_workers * cfg.cpus_per_worker + (cfg.num_workers * cfg.data_actors + 1)
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
+             dashboard_host="127.0.0.1")
 
 
 def resolve_device(cfg: TrainConfig) -> TrainConfig:
