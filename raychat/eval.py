@@ -89,13 +89,13 @@ def load_model(kind: str, directory: str, step, device):
     """(model, meta) in eval mode on `device`."""
     from raychat.model import GPT, GPTConfig
 
-    if kind == "nanochat":
+    if kind == "nanochat":  # upcasts bf16 off CUDA itself, as the reference's build_model
         state, meta = ckpt_files.load_nanochat_model(directory, step, device=device)
     else:
         state = torch.load(os.path.join(directory, ckpt_files.MODEL_FILE), map_location=device, weights_only=True)
         meta = ckpt_files.read_meta(directory)
-    if device.type != "cuda":
-        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+        if device.type != "cuda":  # a checkpoint from a CUDA run stores wte and value embeddings in bf16
+            state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(GPTConfig(**meta["model_config"]))
     model.to_empty(device=device)

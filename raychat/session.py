@@ -55,6 +55,42 @@ def first_complete(candidates, log):
     yield None
 
 
+@contextlib.contextmanager
+def resume_checkpoint(cfg, fit_id: str | None = None, log=print):
+    """The local directory of the checkpoint a run continues from, or None for a fresh start.
+
+    Precedence: a checkpoint written earlier in this same `fit()` (`fit_id`: automatic recovery after a
+    failure); else `--resume-from-step N` of this run; else the newest complete checkpoint of the run (rerun
+    with the same --run-name). Incomplete checkpoints are skipped with a warning. The driver's preflight
+    (no fit yet) and every worker choose through this one function.
+    """
+    steps = list_run_steps(run_dir(cfg))
+    newest_first = [p for _, p in reversed(steps)]
+    if cfg.resume_from_step >= 0:
+        explicit = [p for s, p in steps if s == cfg.resume_from_step]
+        if not explicit:
+            raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: no checkpoint "
+                                    f"{ckpt_files.step_dir_name(cfg.resume_from_step)} in {run_dir(cfg)}; "
+                                    f"found steps {[s for s, _ in steps]}")
+        # Only checkpoints of this very fit() (a retry after a failure) take precedence over it.
+        same_fit = [p for s, p in steps if s > cfg.resume_from_step and _fit_id_of(p) == fit_id] if fit_id else []
+        newest_first = list(reversed(same_fit)) + explicit
+    with first_complete(newest_first, log) as d:
+        if d is None and cfg.resume_from_step >= 0:
+            # A fresh start would silently discard the step the user asked for.
+            raise ValueError(f"--resume-from-step {cfg.resume_from_step}: checkpoint {newest_first[-1]} is "
+                             "incomplete (see the warning above); pick another step of this run")
+        yield d
+
+
+def _fit_id_of(path: str):
+    try:
+        with _materialise(path) as d:
+            return ckpt_files.read_meta(d).get("fit_id")
+    except (OSError, ValueError):
+        return None
+
+
 class _Session:
     rank = 0
     world_size = 1
@@ -63,39 +99,8 @@ class _Session:
         if self.rank == 0:
             print(msg, flush=True)
 
-    @contextlib.contextmanager
     def resume_checkpoint(self, cfg, fit_id: str):
-        """The local directory of the checkpoint this run continues from, or None for a fresh start.
-
-        Precedence: a checkpoint written earlier in this same `fit()` (automatic recovery after a failure);
-        else `--resume-from-step N` of this run; else the newest complete checkpoint of the run (rerun with
-        the same --run-name). Incomplete checkpoints are skipped with a warning.
-        """
-        steps = list_run_steps(run_dir(cfg))
-        newest_first = [p for _, p in reversed(steps)]
-        if cfg.resume_from_step >= 0:
-            explicit = [p for s, p in steps if s == cfg.resume_from_step]
-            if not explicit:
-                raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: no checkpoint "
-                                        f"{ckpt_files.step_dir_name(cfg.resume_from_step)} in {run_dir(cfg)}; "
-                                        f"found steps {[s for s, _ in steps]}")
-            # Only checkpoints of this very fit() (a retry after a failure) take precedence over it.
-            same_fit = [p for s, p in steps if s > cfg.resume_from_step and self._fit_id_of(p) == fit_id]
-            newest_first = list(reversed(same_fit)) + explicit
-        with first_complete(newest_first, self.log) as d:
-            if d is None and cfg.resume_from_step >= 0:
-                # A fresh start would silently discard the step the user asked for.
-                raise RuntimeError(f"--resume-from-step {cfg.resume_from_step}: the checkpoint in {run_dir(cfg)} is "
-                                   "incomplete; pick another step of this run")
-            yield d
-
-    @staticmethod
-    def _fit_id_of(path: str):
-        try:
-            with _materialise(path) as d:
-                return ckpt_files.read_meta(d).get("fit_id")
-        except (OSError, ValueError):
-            return None
+        return resume_checkpoint(cfg, fit_id, self.log)
 
 
 class RayTrainSession(_Session):

@@ -26,7 +26,7 @@ def preflight(cfg: TrainConfig):
     from raychat import checkpoint as ckpt_files
     from raychat.data.shards import split_shards, validate_shard
     from raychat.data.stream import inspect_files
-    from raychat.session import first_complete, list_run_steps, run_dir
+    from raychat.session import resume_checkpoint
     from raychat.tokenizer import TOKENIZER_FILE, Tokenizer
 
     # Both tokenizer files must load here: missing or corrupt, every worker would fail and be retried.
@@ -52,22 +52,10 @@ def preflight(cfg: TrainConfig):
                          "--rows-per-group")
     if cfg.init_from_nanochat:
         ckpt_files.find_nanochat_step(cfg.init_from_nanochat)
-    steps = list_run_steps(run_dir(cfg))
-    candidates = [p for _, p in reversed(steps)]  # what a rerun resumes: the newest complete checkpoint
-    if cfg.resume_from_step >= 0:
-        candidates = [p for s, p in steps if s == cfg.resume_from_step]
-        if not candidates:
-            raise FileNotFoundError(f"--resume-from-step {cfg.resume_from_step}: run {run_dir(cfg)} has no such "
-                                    f"checkpoint (found steps {[s for s, _ in steps]})")
-    if candidates:
-        with first_complete(candidates, print) as d:
-            if d is None and cfg.resume_from_step >= 0:
-                # Never fall back to a fresh start when a step was asked for (the workers refuse it too).
-                raise ValueError(f"--resume-from-step {cfg.resume_from_step}: checkpoint {candidates[0]} is "
-                                 "incomplete (see the warning above); pick another step of this run")
-            if d is not None:
-                ckpt_files.check_compatible(ckpt_files.read_meta(d), plan.model_config, cfg.num_workers,
-                                            plan.grad_accum_steps, d)
+    with resume_checkpoint(cfg) as d:  # the checkpoint the workers will resume, checked against this run
+        if d is not None:
+            ckpt_files.check_compatible(ckpt_files.read_meta(d), plan.model_config, cfg.num_workers,
+                                        plan.grad_accum_steps, d)
     if cfg.core_metric_every > 0:
         from raychat.core_eval import download_eval_bundle
 
