@@ -21,6 +21,7 @@ import json
 import os
 import re
 import threading
+import time
 
 import torch
 
@@ -57,46 +58,134 @@ def save_rank_files(directory: str, rank: int, optim_state: dict, data_state, mo
     _write_json(os.path.join(directory, f"done_rank{rank}.json"), {"files": sizes})
 
 
-def _snapshot(obj):
-    """A copy of a (nested) state on the CPU that later training steps cannot change."""
+def _map_tensors(obj, fn):
+    """`obj` (nested dicts, lists, tuples) with `fn` applied to each tensor, in a fixed traversal order."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_snapshot(v) for v in obj)
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _detach(obj):
+    """A copy of a state's containers and plain values, taken now; its tensors are still the live ones."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detach(v) for v in obj)
     return copy.deepcopy(obj)
 
 
-class BackgroundWriter:
-    """Writes a checkpoint's files on a thread, so the step loop pauses only to snapshot the state.
+def _tensors(obj) -> list:
+    found = []
+    _map_tensors(obj, found.append)
+    return found
 
-    `submit` copies the state (to CPU memory) on the caller's thread, then `save_rank_files` runs in the
-    background while training continues; `wait` joins it (re-raising its error). One write at a time: a
-    submit waits for the previous one. The files become a checkpoint only when reported after `wait`."""
+
+class BackgroundWriter:
+    """Writes a checkpoint on a thread, so that the training loop does not wait for it.
+
+    `submit` copies the state's small parts and returns; the thread first *stages* the tensors (copies them
+    into host buffers; from a GPU, a device-to-host copy into pinned memory on its own CUDA stream) and then
+    writes the files. Until staging ends the live tensors must not change: the loop calls `wait_staged()` right
+    before `optimizer.step()`, so staging overlaps the next forward and backward (which read the weights but do
+    not write them) and the loop only waits if staging takes longer. `done()` says whether the files are written
+    (the loop reports the checkpoint to Ray only then), `wait()` joins the thread and re-raises its error.
+    One checkpoint at a time: `submit` first waits for the previous one.
+
+    The host buffers are kept from one checkpoint to the next, and `reserve` allocates them ahead, on the
+    thread: copying into memory already mapped is several times faster than into fresh pages (BENCHMARKS.md:
+    d20's 9.2 GB copy on this CPU VM), at the price of holding a second copy of the state."""
 
     def __init__(self):
         self._thread = None
+        self._staged = threading.Event()
+        self._staged.set()
         self._error = None
+        self._buffers = []
+        self.timings = {}  # the last checkpoint's seconds from submit to staged and to written
+
+    def reserve(self, optim_state: dict, model_state: dict | None = None) -> None:
+        """Allocate (and fault in) host buffers for a later `submit` of a state shaped like this one."""
+        self.wait()
+        specs = [(t.shape, t.dtype, t.is_cuda) for t in _tensors((optim_state, model_state))]
+        self._start(lambda: self._buffers_for(specs))
 
     def submit(self, directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
                meta: dict | None = None) -> None:
         self.wait()
-        args = (directory, rank, _snapshot(optim_state), _snapshot(data_state), _snapshot(model_state), _snapshot(meta))
+        # The tensors' order here matches reserve()'s: optimizer, then model (data and meta hold none).
+        state = (_detach(optim_state), _detach(data_state), _detach(model_state), _detach(meta))
+        live = _tensors(state)
+        device = next((t.device for t in live if t.is_cuda), None)
+        ready = None
+        if device is not None:  # the staging stream must wait for the kernels that produced the tensors
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))
+        self._staged = staged = threading.Event()
+        self.timings = timings = {}
+        t0 = time.perf_counter()
+
+        def stage():
+            buffers = iter(self._buffers_for([(t.shape, t.dtype, t.is_cuda) for t in live]))
+            return _map_tensors(state, lambda t: next(buffers).copy_(t, non_blocking=t.is_cuda))
 
         def run():
             try:
-                save_rank_files(*args)
-            except BaseException as e:  # surfaced by wait() on the training thread
+                if device is None:
+                    snapshot = stage()
+                else:
+                    stream = torch.cuda.Stream(device=device)
+                    stream.wait_event(ready)
+                    with torch.cuda.stream(stream):
+                        snapshot = stage()
+                    stream.synchronize()
+            finally:
+                timings["staged"] = time.perf_counter() - t0
+                staged.set()
+            optim, data, model, meta_ = snapshot
+            save_rank_files(directory, rank, optim, data, model_state=model, meta=meta_)
+            timings["written"] = time.perf_counter() - t0
+
+        self._start(run)
+
+    def _buffers_for(self, specs: list) -> list:
+        """The kept buffers if they fit these (shape, dtype, from_cuda) specs, else new ones, zero-filled so
+        that their pages are mapped now rather than during a copy."""
+        if [(b.shape, b.dtype, b.is_pinned()) for b in self._buffers] != specs:
+            self._buffers = []  # free the old ones first
+            self._buffers = [torch.zeros(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in specs]
+        return self._buffers
+
+    def _start(self, work) -> None:
+        def run():
+            try:
+                work()
+            except BaseException as e:  # surfaced on the training thread by wait_staged() or wait()
                 self._error = e
 
         self._thread = threading.Thread(target=run, name="raychat-checkpoint-writer", daemon=True)
         self._thread.start()
 
+    def wait_staged(self) -> None:
+        """Block until the state is copied (the live tensors may change after this); raise a staging error."""
+        self._staged.wait()
+        self._raise()
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"writing the checkpoint failed: {error}") from error

@@ -233,18 +233,27 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     writer = ckpt_files.BackgroundWriter()
     pending_report = None
 
-    def flush_report():
-        """Finish the pending checkpoint write and report it; every rank calls this at the same steps."""
+    def flush_report(block: bool = True):
+        """Report the pending metrics and checkpoint to Ray once its files are written. Every rank calls this at
+        the same steps and they agree (one tiny all-reduce) on whether to report now, because `report` is a
+        collective; with block=False a write still running on some rank defers the report to a later step."""
         nonlocal pending_report
-        if pending_report is not None:
-            writer.wait()
-            if pending_report[1] is not None:
-                _inject_failure(cfg, rank, pending_report[2], "kill-in-checkpoint")
-            session.report(*pending_report)
-            pending_report = None
+        if pending_report is None:
+            return
+        has_checkpoint = pending_report[1] is not None
+        if not block and has_checkpoint and _all_ranks_agree(not writer.done(), device):
+            return
+        writer.wait()
+        if has_checkpoint:
+            _inject_failure(cfg, rank, pending_report[2], "kill-in-checkpoint")
+            w = writer.timings
+            log(f"Checkpoint of step {pending_report[2]:05d} written behind training (copied in {w['staged']:.2f}s, "
+                f"written in {w['written']:.2f}s), reported at step {step:05d}")
+        session.report(*pending_report)
+        pending_report = None
 
     while True:
-        flush_report()
+        flush_report(block=False)
         last_step = step == N
         flops_so_far = flops_per_step * step
         metrics = {}
@@ -298,6 +307,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                            train_loss=history["train_loss"][-1][1] if history["train_loss"] else float("nan"))
             if val_bpb is not None:
                 metrics.setdefault("val_bpb", val_bpb)  # carried forward: every report has it (RAY_PRACTICE §3)
+            flush_report()  # one report in flight at a time (only waits if checkpoints outpace their writes)
             checkpoint_dir = None
             if save:
                 checkpoint_dir = new_checkpoint_dir()
@@ -311,8 +321,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                 }
                 writer.submit(checkpoint_dir, rank, optimizer.state_dict(), data_state_for_checkpoint(),
                               model_state=orig_model.state_dict() if master else None, meta=meta if master else None)
-            # Reported once the files are written: at the top of the next step (the write overlaps it), or
-            # right after the loop at the last step.
+            # Written behind the next steps (writer.wait_staged() below is the only wait), reported by
+            # flush_report once written on every rank, or right after the loop at the last step.
             pending_report = (metrics, checkpoint_dir, step)
 
         if last_step:
@@ -354,6 +364,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         if non_finite:
             log(f"WARNING: non-finite loss at step {step}: update skipped (--nan-policy skip)")
         else:
+            writer.wait_staged()  # a checkpoint's copy of the weights must be taken before they change
             optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss_f = train_loss.item()
@@ -384,6 +395,9 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         first_step_of_run = step == 0 or step == resume_step
         step += 1
         if first_step_of_run:
+            # Host buffers for the checkpoints' copies, allocated behind the next steps: the optimizer's state
+            # exists from its first step, and copying into mapped memory is what keeps a save's pause short.
+            writer.reserve(optimizer.state_dict(), orig_model.state_dict() if master else None)
             gc.collect()
             gc.freeze()
             gc.disable()
