@@ -247,8 +247,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         if has_checkpoint:
             _inject_failure(cfg, rank, pending_report[2], "kill-in-checkpoint")
             w = writer.timings
-            log(f"Checkpoint of step {pending_report[2]:05d} written behind training (copied in {w['staged']:.2f}s, "
-                f"written in {w['written']:.2f}s), reported at step {step:05d}")
+            log(f"Checkpoint of step {pending_report[2]:05d}: copied in {w['staged']:.2f}s and written in "
+                f"{w['written']:.2f}s on a thread, reported at step {step:05d}")
         session.report(*pending_report)
         pending_report = None
 
