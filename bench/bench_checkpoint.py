@@ -89,16 +89,6 @@ def materialise(depth: int):
     return model, optimizer
 
 
-def tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
 def available_bytes() -> int:
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)

@@ -58,26 +58,21 @@ def save_rank_files(directory: str, rank: int, optim_state: dict, data_state, mo
     _write_json(os.path.join(directory, f"done_rank{rank}.json"), {"files": sizes})
 
 
-def _map_tensors(obj, fn):
-    """`obj` (nested dicts, lists, tuples) with `fn` applied to each tensor, in a fixed traversal order."""
+def _map_tensors(obj, fn, other=lambda v: v):
+    """`obj` (nested dicts, lists, tuples) with `fn` applied to each tensor, in a fixed traversal order, and
+    `other` to every other leaf."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn, other) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
+        return type(obj)(_map_tensors(v, fn, other) for v in obj)
+    return other(obj)
 
 
 def _detach(obj):
     """A copy of a state's containers and plain values, taken now; its tensors are still the live ones."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, dict):
-        return {k: _detach(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_detach(v) for v in obj)
-    return copy.deepcopy(obj)
+    return _map_tensors(obj, torch.Tensor.detach, copy.deepcopy)
 
 
 def _tensors(obj) -> list:
@@ -112,8 +107,8 @@ class BackgroundWriter:
     def reserve(self, optim_state: dict, model_state: dict | None = None) -> None:
         """Allocate (and fault in) host buffers for a later `submit` of a state shaped like this one."""
         self.wait()
-        specs = [(t.shape, t.dtype, t.is_cuda) for t in _tensors((optim_state, model_state))]
-        self._start(lambda: self._buffers_for(specs))
+        tensors = _tensors((optim_state, model_state))
+        self._start(lambda: self._buffers_for(tensors))
 
     def submit(self, directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
                meta: dict | None = None) -> None:
@@ -131,7 +126,7 @@ class BackgroundWriter:
         t0 = time.perf_counter()
 
         def stage():
-            buffers = iter(self._buffers_for([(t.shape, t.dtype, t.is_cuda) for t in live]))
+            buffers = iter(self._buffers_for(live))
             return _map_tensors(state, lambda t: next(buffers).copy_(t, non_blocking=t.is_cuda))
 
         def run():
@@ -153,9 +148,10 @@ class BackgroundWriter:
 
         self._start(run)
 
-    def _buffers_for(self, specs: list) -> list:
-        """The kept buffers if they fit these (shape, dtype, from_cuda) specs, else new ones, zero-filled so
-        that their pages are mapped now rather than during a copy."""
+    def _buffers_for(self, tensors: list) -> list:
+        """Host buffers for copies of `tensors`: the kept ones if they fit, else new ones (pinned for CUDA
+        tensors), zero-filled so that their pages are mapped now rather than during a copy."""
+        specs = [(t.shape, t.dtype, t.is_cuda) for t in tensors]
         if [(b.shape, b.dtype, b.is_pinned()) for b in self._buffers] != specs:
             self._buffers = []  # free the old ones first
             self._buffers = [torch.zeros(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in specs]
