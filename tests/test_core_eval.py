@@ -10,7 +10,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import threading
 import zipfile
 
@@ -23,6 +22,7 @@ from raychat.core_eval import (CORE_TASKS, CoreTask, centered_score, download_ev
                                evaluate_example, evaluate_task, load_bundle, load_task_data, render_prompts_lm,
                                render_prompts_mc, render_prompts_schema, token_spans)
 from raychat.tokenizer import Tokenizer
+from tests._gloo import run_gloo
 
 MARGIN = 12.0
 
@@ -484,37 +484,22 @@ def test_zip_without_eval_bundle_dir_is_rejected(tmp_path):
 
 # ---- distributed == single worker ----------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _core_worker(rank, world_size, port, tokenizer_dir, bundle_dir, out_dir):
+def _core_worker(rank, world_size, tokenizer_dir, bundle_dir, out_dir):
     import warnings
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        tok = Tokenizer.from_directory(tokenizer_dir)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = evaluate_core(_gpt(tok.get_vocab_size()), tok, "cpu", max_per_task=-1, bundle_dir=bundle_dir)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(out, f)
-    finally:
-        dist.destroy_process_group()
+    tok = Tokenizer.from_directory(tokenizer_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = evaluate_core(_gpt(tok.get_vocab_size()), tok, "cpu", max_per_task=-1, bundle_dir=bundle_dir)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_two_workers_equal_one(bundle_dir, tok, tiny_tokenizer_dir, tmp_path):
-    import torch.multiprocessing as mp
-
     single = evaluate_core(_gpt(tok.get_vocab_size()), tok, "cpu", max_per_task=-1, bundle_dir=bundle_dir)
     assert 0 < sum(single["results"].values()) < len(SMALL_TASKS)  # not all-wrong, not all-right
-    mp.spawn(_core_worker, args=(2, _free_port(), tiny_tokenizer_dir, bundle_dir, str(tmp_path)), nprocs=2)
+    run_gloo(_core_worker, 2, tiny_tokenizer_dir, bundle_dir, str(tmp_path))
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
             assert json.load(f) == single

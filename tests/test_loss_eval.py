@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from raychat.loss_eval import evaluate_bpb
 from raychat.model import GPT, GPTConfig
 from raychat.tokenizer import TOKEN_BYTES_FILE, Tokenizer
+from tests._gloo import run_gloo
 
 B, T = 3, 16
 
@@ -93,37 +93,22 @@ def test_no_bytes_gives_inf_and_bad_arguments_are_named(setup):
         evaluate_bpb(model, [], 1, torch.zeros(2, 3))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bpb_worker(rank, world_size, port, tokenizer_dir, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        tok = Tokenizer.from_directory(tokenizer_dir)
-        token_bytes = torch.load(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), weights_only=True)
-        V = tok.get_vocab_size()
-        mine = _batches(V, tok.get_bos_token_id())[rank::world_size]  # each rank its own share of the data
-        bpb = evaluate_bpb(_gpt(V), iter(mine), len(mine), token_bytes)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(bpb, f)
-    finally:
-        dist.destroy_process_group()
+def _bpb_worker(rank, world_size, tokenizer_dir, out_dir):
+    tok = Tokenizer.from_directory(tokenizer_dir)
+    token_bytes = torch.load(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), weights_only=True)
+    V = tok.get_vocab_size()
+    mine = _batches(V, tok.get_bos_token_id())[rank::world_size]  # each rank its own share of the data
+    bpb = evaluate_bpb(_gpt(V), iter(mine), len(mine), token_bytes)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(bpb, f)
 
 
 def test_two_workers_reduce_to_the_single_worker_figure(setup, tiny_tokenizer_dir, tmp_path):
-    import torch.multiprocessing as mp
-
     model, token_bytes, bos, V = setup
     single = evaluate_bpb(model, iter(_batches(V, bos)), 4, token_bytes)
     half = evaluate_bpb(model, iter(_batches(V, bos)[0::2]), 2, token_bytes)
     assert abs(half - single) > 1e-4  # a rank's own share alone would not do
-    mp.spawn(_bpb_worker, args=(2, _free_port(), tiny_tokenizer_dir, str(tmp_path)), nprocs=2)
+    run_gloo(_bpb_worker, 2, tiny_tokenizer_dir, str(tmp_path))
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
             assert json.load(f) == pytest.approx(single, rel=1e-6)

@@ -5,14 +5,12 @@ All CPU, fp32 params. The distributed tests spawn 2 real gloo processes (no Ray)
 import io
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from raychat.optim import POLAR_EXPRESS_COEFFS, DistMuonAdamW, MuonAdamW, default_ortho_dtype, polar_express
+from tests._gloo import run_gloo
 
 BETAS = (0.8, 0.95)
 
@@ -287,55 +285,44 @@ def _rank_grads(params, step, rank):
     return [torch.randn(p.shape, generator=gen) for p in params]
 
 
-def _dist_worker(rank, port, out_dir, steps, split):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _dist_worker(rank, world_size, out_dir, steps, split):
+    ps = _dist_params()
+    params = _flat(ps)
+    opt = DistMuonAdamW(_dist_groups(ps))
+
+    def run(o, prm, step_range):
+        for s in step_range:
+            for p, g in zip(prm, _rank_grads(prm, s, rank)):
+                p.grad = g
+            o.step()
+
+    run(opt, params, range(split))
+    shard = opt.state_dict()
+    # A fresh optimizer on a copy of the params, loaded from this rank's shard, must continue identically.
+    ps2 = {k: [torch.nn.Parameter(p.detach().clone()) for p in v] for k, v in ps.items()}
+    opt2 = DistMuonAdamW(_dist_groups(ps2))
+    opt2.load_state_dict(through_disk(shard))
+    run(opt, params, range(split, steps))
+    run(opt2, _flat(ps2), range(split, steps))
+    bad = wrong_world = None
     try:
-        ps = _dist_params()
-        params = _flat(ps)
-        opt = DistMuonAdamW(_dist_groups(ps))
-
-        def run(o, prm, step_range):
-            for s in step_range:
-                for p, g in zip(prm, _rank_grads(prm, s, rank)):
-                    p.grad = g
-                o.step()
-
-        run(opt, params, range(split))
-        shard = opt.state_dict()
-        # A fresh optimizer on a copy of the params, loaded from this rank's shard, must continue identically.
-        ps2 = {k: [torch.nn.Parameter(p.detach().clone()) for p in v] for k, v in ps.items()}
-        opt2 = DistMuonAdamW(_dist_groups(ps2))
-        opt2.load_state_dict(through_disk(shard))
-        run(opt, params, range(split, steps))
-        run(opt2, _flat(ps2), range(split, steps))
-        bad = wrong_world = None
-        try:
-            DistMuonAdamW([adamw_group([torch.nn.Parameter(torch.randn(33, 32))])])
-        except ValueError as e:
-            bad = str(e)
-        try:  # a W=2 shard into a single-process optimizer: the shapes name the mismatch
-            MuonAdamW(_dist_groups(_dist_params())).load_state_dict(through_disk(shard))
-        except ValueError as e:
-            wrong_world = str(e)
-        torch.save({"params": [p.detach() for p in params], "reloaded": [p.detach() for p in _flat(ps2)],
-                    "shard": shard, "bad": bad,
-                    "wrong_world": wrong_world}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        DistMuonAdamW([adamw_group([torch.nn.Parameter(torch.randn(33, 32))])])
+    except ValueError as e:
+        bad = str(e)
+    try:  # a W=2 shard into a single-process optimizer: the shapes name the mismatch
+        MuonAdamW(_dist_groups(_dist_params())).load_state_dict(through_disk(shard))
+    except ValueError as e:
+        wrong_world = str(e)
+    torch.save({"params": [p.detach() for p in params], "reloaded": [p.detach() for p in _flat(ps2)],
+                "shard": shard, "bad": bad,
+                "wrong_world": wrong_world}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     steps, split = 4, 2
-    mp.spawn(_dist_worker, args=(_free_port(), str(out), steps, split), nprocs=WORLD, join=True)
+    run_gloo(_dist_worker, WORLD, str(out), steps, split)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     # Single-process reference fed the averaged gradients.
     ps = _dist_params()
