@@ -158,8 +158,14 @@ class BackgroundWriter:
         return self._buffers
 
     def _start(self, work) -> None:
+        # A new thread starts on CUDA device 0: keep the writer on this rank's GPU (Ray shares
+        # CUDA_VISIBLE_DEVICES between the workers of a node, so device 0 is another rank's).
+        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
         def run():
             try:
+                if device is not None:
+                    torch.cuda.set_device(device)
                 work()
             except BaseException as e:  # surfaced on the training thread by wait_staged() or wait()
                 self._error = e

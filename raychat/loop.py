@@ -202,6 +202,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
 
     def next_batch(a):
         x, y = next(streams[a])
+        if device_type == "cuda":  # pinned, the copy queues behind the running backward instead of waiting for it
+            x, y = x.pin_memory(), y.pin_memory()
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def data_state_for_checkpoint():
