@@ -1,11 +1,11 @@
 """Checkpoints: save/restore seconds against model size, SYNC vs ASYNC upload, and how long the step loop pauses.
 
     python -m bench.bench_checkpoint [--depths 4 12 20] [--parts files loop ray] [--loop-seq-len 256]
-                                     [--ray-mb 1024] [--dry-run]
+                                     [--device cpu] [--ray-mb 1024] [--dry-run]
 
 Models at the reference's shapes (T 2048, vocab 32768, aspect 64, head_dim 128, value embeddings) are built on
-the meta device and materialised with `to_empty` (no init cost; zero-filled outside the timing so their pages
-are resident, as a trained model's are), with an optimizer state of exactly MuonAdamW's tensor shapes (AdamW:
+the meta device and materialised with `to_empty` + `init_weights` (zero-filled outside the timing so their
+pages are resident, as a trained model's are), with an optimizer state of exactly MuonAdamW's tensor shapes (AdamW:
 exp_avg + exp_avg_sq per param; Muon: one stacked momentum + factored second moment per group,
 `raychat.optim._muon_state_shapes`; checked equal to a real `step()`'s state at d4).
 
@@ -21,7 +21,8 @@ Part 2, the step loop with the writer, per depth: training steps of that model (
 1 x `--loop-seq-len` tokens, `--threads` torch threads; embedding tables frozen, see bench_loop) in the loop's
 order: `reserve` after the first step, then at a save step `submit`, then steps that each call `wait_staged()`
 where the loop calls `optimizer.step()` and poll `done()` as the loop's report does, until the files are
-written. Printed: how long the loop was blocked (submit + every wait_staged), and how much longer the
+written (`--device cuda`: the model on the GPU under bf16 autocast, staged into pinned host buffers on a side
+stream, as in training on a GPU). Printed: how long the loop was blocked (submit + every wait_staged), and how much longer the
 overlapped steps took than the median of the steps around them (the writer's copy and write compete with
 training for this machine's cores and memory bandwidth). The optimizer step itself is left out: it comes
 after wait_staged, so it never overlaps staging, and at d20 its temporaries would not fit in memory beside
@@ -32,6 +33,7 @@ that many MB three times, with `CheckpointUploadMode.SYNC` and then `ASYNC`, doi
 "training" between reports; it records how long each `ray.train.report` call blocks.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -61,12 +63,13 @@ def reference_model(depth: int):
         return GPT(cfg)
 
 
-def materialise(depth: int):
-    """(model, optimizer) on the CPU with a full optimizer state of MuonAdamW's shapes (values uninitialised)."""
+def materialise(depth: int, device: str = "cpu"):
+    """(model, optimizer) on `device` with a full optimizer state of MuonAdamW's shapes (values uninitialised)."""
     from raychat.optim import _muon_state_shapes
 
     model = reference_model(depth)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
+    model.init_weights()  # the rotary tables, and on CUDA the bf16 embeddings, as in training
     optimizer = model.setup_optimizer()
     for group in optimizer.param_groups:
         params = group["params"]
@@ -75,8 +78,9 @@ def materialise(depth: int):
                 optimizer.state[p] = {"step": 1, "exp_avg": torch.empty_like(p), "exp_avg_sq": torch.empty_like(p)}
         else:
             shape1, shape2 = _muon_state_shapes(*params[0].shape, len(params))
-            optimizer.state[params[0]] = {"momentum_buffer": torch.empty(shape1, dtype=params[0].dtype),
-                                          "second_momentum_buffer": torch.empty(shape2, dtype=torch.float32)}
+            optimizer.state[params[0]] = {"momentum_buffer": torch.empty(shape1, dtype=params[0].dtype, device=device),
+                                          "second_momentum_buffer": torch.empty(shape2, dtype=torch.float32,
+                                                                                device=device)}
     # Touch every page now: a trained model's memory is resident, and first-touch page faults inside the timed
     # save would be charged to torch.save (they made d4's save ~10x slower in a first run).
     with torch.no_grad():
@@ -140,16 +144,19 @@ def bench_files(depth: int, scratch: str) -> dict:
             "restore": restore, "copy_fresh": copy_fresh, "copy": copy, "write": write}
 
 
-def bench_loop(depth: int, seq_len: int, scratch: str, steps_before: int = 3) -> dict:
+def bench_loop(depth: int, seq_len: int, scratch: str, device: str = "cpu", steps_before: int = 3) -> dict:
     """Part 2: the step loop around a checkpoint, in raychat/loop.py's order (see the module docstring)."""
     from raychat import checkpoint as ckpt_files
 
-    model, optimizer = materialise(depth)
+    model, optimizer = materialise(depth, device)
     g = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g) for _ in range(2))
+    x, y = (torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g).to(device) for _ in range(2))
     with torch.no_grad():  # zero weights would make every step trivially the same; any values will do
         for p in model.parameters():
-            p.normal_(0, 0.02, generator=g)
+            p.copy_(torch.empty(p.shape).normal_(0, 0.02, generator=g))
+    cuda = device == "cuda"
+    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     # Embedding tables get no gradient here: their backward is a scatter-add (no compute to speak of), but
     # their gradients are 1.9 GB at d20, which with two copies of the state would not fit in this VM's memory.
     for m in model.modules():
@@ -159,7 +166,10 @@ def bench_loop(depth: int, seq_len: int, scratch: str, steps_before: int = 3) ->
     def step(writer) -> tuple[float, float]:
         """One step; returns (its seconds, seconds blocked in wait_staged)."""
         t0 = time.perf_counter()
-        model(x, y).backward()
+        with autocast:
+            loss = model(x, y)
+        loss.backward()
+        synchronize()
         t1 = time.perf_counter()
         writer.wait_staged()
         t2 = time.perf_counter()
@@ -250,6 +260,8 @@ def main(argv=None) -> int:
                    help="which parts to run (each part needs the machine's memory for itself at d20)")
     p.add_argument("--loop-seq-len", type=int, default=256, help="tokens per training step in part 2")
     p.add_argument("--threads", type=int, default=2, help="torch threads for part 2's training steps")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where part 2's model trains (cuda: bf16 autocast, staged to pinned host buffers)")
     p.add_argument("--ray-mb", type=int, default=1024, help="checkpoint size for the SYNC/ASYNC run")
     p.add_argument("--ray-reports", type=int, default=3, help="checkpoints per upload mode")
     p.add_argument("--work-s", type=float, default=5.0, help="seconds of 'training' between two reports")
@@ -286,13 +298,15 @@ def main(argv=None) -> int:
         grads = sum(p.numel() for m in model.modules() if not isinstance(m, torch.nn.Embedding)
                     for p in m.parameters(recurse=False))
         need = 4 * (2 * 2.56 * params + grads) + 1.5 * 2**30  # the state twice, gradients, activations
+        if a.device == "cuda":  # the host holds only the staged copy
+            need = 4 * 2.56 * params + 1.5 * 2**30
         if need > available_bytes():
             print(f"d{depth} loop: skipped, needs ~{need / 2**30:.1f} GiB of memory, {available_bytes() / 2**30:.1f} available")
             continue
         torch.set_num_threads(a.threads)
-        r = bench_loop(depth, a.loop_seq_len, a.scratch)
+        r = bench_loop(depth, a.loop_seq_len, a.scratch, a.device)
         torch.set_num_threads(1)
-        print(f"d{depth} loop (batch 1 x {r['seq_len']}, {a.threads} threads): step {r['step']:.2f} s | checkpoint: "
+        print(f"d{depth} loop on {a.device} (batch 1 x {r['seq_len']}, {a.threads} threads): step {r['step']:.2f} s | checkpoint: "
               f"submit {r['submit'] * 1000:.1f} ms, wait_staged {', '.join(f'{w * 1000:.1f}' for w in r['waits'])} ms "
               f"-> loop blocked {r['blocked']:.3f} s | copied in {r['copy']:.2f} s, written {r['write']:.2f} s later, "
               f"behind {r['overlapped_steps']} steps that took {r['extra']:+.2f} s longer in all "

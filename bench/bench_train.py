@@ -55,20 +55,32 @@ def bench_env() -> dict:
 
 
 def prepare_bench_data(root: str, vocab_size: int = 4096) -> tuple[str, str]:
-    """tinyshakespeare as shards (64-doc row groups, as tests/conftest.py) and a tokenizer, cached in `root`.
-    Returns (data_dir, tokenizer_dir)."""
-    from raychat.data.shards import prepare
+    """tinyshakespeare as shards (64-doc row groups, as tests/conftest.py) and a tokenizer, cached in `root`
+    (carry a prepared `root` to a machine without ../shared, e.g. scripts/gpu_check.sh). Returns (data_dir,
+    tokenizer_dir)."""
+    from raychat.data.shards import prepare, source_files
     from raychat.tokenizer import Tokenizer
 
-    if not os.path.exists(SHAKESPEARE):
-        raise FileNotFoundError(f"{SHAKESPEARE} is missing: the benchmarks train on tinyshakespeare from ../shared/data")
     data_dir, tok_dir = os.path.join(root, "data"), os.path.join(root, f"tokenizer_{vocab_size}")
+    if os.path.exists(os.path.join(data_dir, "val.parquet")) and os.path.exists(os.path.join(tok_dir, "tokenizer.pkl")):
+        return data_dir, tok_dir
+    if not os.path.exists(SHAKESPEARE):
+        raise FileNotFoundError(f"{SHAKESPEARE} is missing: the benchmarks train on tinyshakespeare from ../shared/data "
+                                f"(or pass --cache-dir with data/ and tokenizer_{vocab_size}/ prepared elsewhere)")
     if not os.path.exists(os.path.join(data_dir, "val.parquet")):
         prepare(SHAKESPEARE, data_dir, rows_per_group=64, shard_chars=200_000, val_fraction=0.1, progress=False,
                 overwrite=True)
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.pkl")):
         with open(SHAKESPEARE, encoding="utf-8") as f:
-            Tokenizer.train_from_iterator(iter([f.read()]), vocab_size).save(tok_dir)
+            texts = [f.read()]
+        if vocab_size > 16_384:  # tinyshakespeare runs out of merges at ~22k tokens: add the offline stdlib corpus
+            for path in source_files("stdlib"):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    texts.append(f.read())
+        tokenizer = Tokenizer.train_from_iterator(iter(texts), vocab_size)
+        if tokenizer.get_vocab_size() != vocab_size:
+            raise RuntimeError(f"the bench tokenizer reached {tokenizer.get_vocab_size()} tokens, not {vocab_size}")
+        tokenizer.save(tok_dir)
     return data_dir, tok_dir
 
 
@@ -185,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--device-batch-size", type=int, default=4)
     p.add_argument("--total-batch-size", type=int, default=2048, help="must be divisible by B x T x 2 for ray2")
     p.add_argument("--window-pattern", default="L")
+    p.add_argument("--vocab-size", type=int, default=4096, help="of the bench tokenizer (the reference: 32768)")
     p.add_argument("--steps", type=int, default=30, help="steps per run; 11.. are timed")
     p.add_argument("--repeats", type=int, default=2, help="interleaved local/ray1 pairs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (--cpus-per-worker)")
@@ -201,6 +214,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.child_local:
         return run_local(a.rest)
+    if a.vocab_size < 256:
+        p.error(f"--vocab-size {a.vocab_size}: must be >= 256 (the byte tokens)")
     if a.steps < 14:
         p.error(f"--steps {a.steps}: need at least 14 (steps 0-10 are warm-up, 3 timed steps minimum)")
     if a.total_batch_size % (a.device_batch_size * a.max_seq_len * 2):
@@ -210,7 +225,7 @@ def main(argv=None) -> int:
     if a.dry_run:
         return 0
 
-    data_dir, tok_dir = prepare_bench_data(a.cache_dir)
+    data_dir, tok_dir = prepare_bench_data(a.cache_dir, a.vocab_size)
     storage = tempfile.mkdtemp(prefix="raychat-bench-runs-")
     print(f"load average before: {os.getloadavg()}")
     order = []
