@@ -26,7 +26,7 @@ case "${1:-}" in
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
       python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
     } 2>&1 | tee "$out/env.txt"
-    RAYCHAT_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_attention.py \
+    python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_attention.py \
       tests/test_model.py::test_cuda_bf16_dataflow 2>&1 | tee "$out/tests.txt" || status=1
     python -m bench.bench_train --device-type cuda --depth 12 --max-seq-len 2048 --device-batch-size 32 \
       --total-batch-size 524288 --vocab-size 32768 --window-pattern SSSL --steps 30 --repeats 1 --kinds local \

@@ -1,11 +1,9 @@
-"""The CUDA paths CI cannot run: torch.compile of the model and of the optimizer kernels, the optimizer over
-NCCL, and checkpoint staging from GPU memory. Skipped without a GPU.
-
-`RAYCHAT_TEST_DEVICE=cpu python -m pytest tests/test_cuda.py` runs the same checks on CPU (gloo, no
-autocast), to check the tests themselves on a machine without one.
+"""The paths a GPU run takes beyond the CPU tests: torch.compile of the model and of the optimizer kernels,
+DistMuonAdamW over the device's backend (NCCL), and checkpoint staging from device memory (pinned buffers, a
+side stream). Each check runs on CUDA when a GPU is present (bf16 autocast, as training), and always on CPU
+(gloo, fp32), so that CI keeps the checks themselves working on machines without one.
 """
 import contextlib
-import os
 
 import pytest
 import torch
@@ -15,46 +13,52 @@ from raychat import checkpoint as ckpt_files
 from raychat import optim
 from raychat.model import GPT, GPTConfig
 
-DEVICE = os.environ.get("RAYCHAT_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU (RAYCHAT_TEST_DEVICE=cpu runs these checks on CPU)")
 V, T = 256, 64
 
 
-def tiny_gpt(seed=0):
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return request.param
+
+
+def tiny_gpt(device, seed=0):
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = GPT(GPTConfig(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
                               window_pattern="SL"))
-    model.to_empty(device=DEVICE)
+    model.to_empty(device=device)
     model.init_weights()
     return model
 
 
-def batch(seed=1, B=4):
+def batch(device, seed=1, B=4):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, V, (B, T + 1), generator=gen)
-    return x[:, :-1].to(DEVICE), x[:, 1:].to(DEVICE)
-
-
-def autocast():
-    if DEVICE == "cuda":
-        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return x[:, :-1].to(device), x[:, 1:].to(device)
 
 
 def loss_and_grads(model, x, y, forward=None):
     model.zero_grad(set_to_none=True)
-    with autocast():
+    cuda = x.device.type == "cuda"
+    with torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
         loss = (model if forward is None else forward)(x, y)
     loss.backward()
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
-def test_compiled_model_matches_eager():
-    model = tiny_gpt()
-    train_steps(model, model.setup_optimizer(), steps=2)  # at init the output is ~0 and so are many grads
-    x, y = batch()
+def train_steps(model, opt, device, steps=3):
+    for s in range(steps):
+        loss_and_grads(model, *batch(device, seed=10 + s))
+        opt.step()
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def test_compiled_model_matches_eager(device):
+    model = tiny_gpt(device)
+    train_steps(model, model.setup_optimizer(), device, steps=2)  # at init the output is ~0, and many grads
+    x, y = batch(device)
     eager_loss, eager_grads = loss_and_grads(model, x, y)
     compiled_loss, compiled_grads = loss_and_grads(model, x, y, torch.compile(model, dynamic=False))
     assert compiled_loss == pytest.approx(eager_loss, rel=2e-2)
@@ -65,25 +69,17 @@ def test_compiled_model_matches_eager():
                                                f"(eager grad norm {g.norm():.3g})"
 
 
-def train_steps(model, opt, steps=3):
-    for s in range(steps):
-        x, y = batch(seed=10 + s)
-        loss_and_grads(model, x, y)
-        opt.step()
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-
-def test_compiled_optimizer_kernels_match_eager(monkeypatch):
-    start = {n: p.detach().float().clone() for n, p in tiny_gpt().named_parameters()}
+def test_compiled_optimizer_kernels_match_eager(device, monkeypatch):
+    start = {n: p.detach().float().clone() for n, p in tiny_gpt(device).named_parameters()}
     results = {}
     for compiled in (False, True):
-        monkeypatch.setitem(optim.COMPILE_KERNELS, DEVICE, compiled)
+        monkeypatch.setitem(optim.COMPILE_KERNELS, device, compiled)
         optim._kernels.cache_clear()
-        model = tiny_gpt()
-        results[compiled] = train_steps(model, model.setup_optimizer())
+        model = tiny_gpt(device)
+        results[compiled] = train_steps(model, model.setup_optimizer(), device)
     optim._kernels.cache_clear()
-    # bf16 orthogonalisation: inductor keeps some intermediates in fp32 (spec §3.2), so a few cautious-mask
-    # entries may flip; the updates must still agree as a whole.
+    # bf16 orthogonalisation (CUDA): inductor keeps some intermediates in fp32 (spec §3.2), so a few
+    # cautious-mask entries may flip; the updates must still agree as a whole.
     for name, p0 in start.items():
         update = (results[False][name] - p0).norm()
         assert update > 0, f"{name} did not move"
@@ -92,34 +88,34 @@ def test_compiled_optimizer_kernels_match_eager(monkeypatch):
 
 
 @pytest.fixture
-def process_group(tmp_path):
-    backend = "nccl" if DEVICE == "cuda" else "gloo"
+def process_group(device, tmp_path):
+    backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
 
-def test_dist_optimizer_over_the_device_backend_equals_single_process(process_group):
+def test_dist_optimizer_over_the_device_backend_equals_single_process(device, process_group):
     # World size 1 still runs every collective DistMuonAdamW uses (AVG all_reduce, reduce_scatter,
     # all_gather) on this backend, with the device's tensors. Both optimizers get the same gradients (a CUDA
     # embedding backward is not bitwise deterministic), so their params must stay bitwise equal.
-    single, model = tiny_gpt(), tiny_gpt()
+    single, model = tiny_gpt(device), tiny_gpt(device)
     opt_single, opt_dist = single.setup_optimizer(), model.setup_optimizer(distributed=True)
     for s in range(3):
-        loss_and_grads(single, *batch(seed=10 + s))
+        loss_and_grads(single, *batch(device, seed=10 + s))
         for p, q in zip(single.parameters(), model.parameters()):
             q.grad = p.grad.clone()
         opt_single.step()
         opt_dist.step()
-    for (name, p), q, p0 in zip(single.named_parameters(), model.parameters(), tiny_gpt().parameters()):
+    for (name, p), q, p0 in zip(single.named_parameters(), model.parameters(), tiny_gpt(device).parameters()):
         assert torch.equal(q, p), f"{name}: DistMuonAdamW differs from MuonAdamW"
         assert not torch.equal(p, p0), f"{name} did not move"
 
 
-def test_writer_stages_device_tensors_before_the_next_step(tmp_path):
-    model = tiny_gpt()
+def test_writer_stages_device_tensors_before_the_next_step(device, tmp_path):
+    model = tiny_gpt(device)
     opt = model.setup_optimizer()
-    train_steps(model, opt, steps=1)
+    train_steps(model, opt, device, steps=1)
     writer = ckpt_files.BackgroundWriter()
     writer.reserve(opt.state_dict(), model.state_dict())
     writer.wait()
@@ -127,9 +123,9 @@ def test_writer_stages_device_tensors_before_the_next_step(tmp_path):
     writer.submit(str(tmp_path), 0, opt.state_dict(), {"pos": 1}, model_state=model.state_dict(),
                   meta={"step": 1, "world_size": 1})
     writer.wait_staged()
-    train_steps(model, opt, steps=1)  # changes every live tensor while the files are being written
+    train_steps(model, opt, device, steps=1)  # changes every live tensor while the files are being written
     writer.wait()
-    assert all(b.is_pinned() == (DEVICE == "cuda") for b in writer._buffers)
+    assert all(b.is_pinned() == (device == "cuda") for b in writer._buffers)
     assert ckpt_files.check_complete(str(tmp_path)) is None
     saved = torch.load(tmp_path / ckpt_files.MODEL_FILE, weights_only=True)
     for k, v in expected.items():
