@@ -14,6 +14,8 @@ from raychat import optim
 from raychat.model import GPT, GPTConfig
 
 V, T = 256, 64
+# torch.compile's CPU path imports a module that warns about torch.jit on import: not this project's use.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(params=["cpu", "cuda"])
