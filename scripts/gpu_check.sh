@@ -5,10 +5,11 @@
 #
 #   bash scripts/gpu_check.sh prepare          # here, in the project's venv: writes .gpu/ (bench data and a
 #                                              # 32768-token tokenizer; the GPU machine may have no internet)
-#   bash scripts/gpu_check.sh run [OUT_DIR]    # on the GPU machine, with .gpu/ beside the code: ~6 min on an H100
+#   bash scripts/gpu_check.sh run [OUT_DIR]    # on the GPU machine, with .gpu/ beside the code (about 6 min
+#                                              # estimated on an H100; not yet run on one)
 #
 # `run` needs torch (CUDA), pyarrow, tiktoken, numpy, pyyaml, pytest and this checkout on the Python path: no Ray,
-# as the MFU run is bench_train's `local` loop (Ray adds nothing to a step: docs/BENCHMARKS.md).
+# as the MFU run is bench_train's `local` loop (Ray's cost per step measured within 1%: docs/BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=.gpu
