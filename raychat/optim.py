@@ -47,6 +47,11 @@ NORM_SLACK, NORM_EPS = 1.02, 1e-6
 # are reduce-scattered along dim 0 and their state sharded (spec §3.3).
 SMALL_PARAM_NUMEL = 1024
 
+# torch 2.13 calls these collectives *_single and deprecates the older names, which are all that older torch
+# has (the GPU images this project is checked on may carry one).
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
 _GROUP_KEYS = {
     "adamw": ("lr", "betas", "eps", "weight_decay"),
     "muon": ("lr", "momentum", "ns_steps", "beta2", "weight_decay"),
@@ -387,7 +392,7 @@ class DistMuonAdamW(MuonAdamW):
                         launched.append((work, group, p, grad))
                     else:
                         grad_slice = grad.new_empty((p.shape[0] // world, *p.shape[1:]))
-                        work = dist.reduce_scatter_single(grad_slice, grad, op=avg, async_op=True)
+                        work = _reduce_scatter(grad_slice, grad, op=avg, async_op=True)
                         launched.append((work, group, p, grad_slice))
             else:
                 k, (rows, cols) = len(params), params[0].shape
@@ -395,7 +400,7 @@ class DistMuonAdamW(MuonAdamW):
                 stacked = grads[0].new_zeros(chunk * world, rows, cols)  # zero-padded past K
                 torch._foreach_copy_(list(stacked[:k].unbind(0)), grads)
                 grad_chunk = grads[0].new_empty(chunk, rows, cols)
-                work = dist.reduce_scatter_single(grad_chunk, stacked, op=avg, async_op=True)
+                work = _reduce_scatter(grad_chunk, stacked, op=avg, async_op=True)
                 launched.append((work, group, stacked, grad_chunk))
 
         # Phase 2: wait for each reduction in order and update what this rank owns; launch the gathers.
@@ -410,7 +415,7 @@ class DistMuonAdamW(MuonAdamW):
                     rows = p.shape[0] // world
                     p_slice = p[rank * rows:(rank + 1) * rows]
                     self._adamw_update(group, p, grad, self.state[p], p_slice)
-                    gathers.append((dist.all_gather_single(p, p_slice, async_op=True), None, None))
+                    gathers.append((_all_gather(p, p_slice, async_op=True), None, None))
             else:
                 params, stacked, chunk = group["params"], target, grad.shape[0]
                 start = rank * chunk
@@ -420,7 +425,7 @@ class DistMuonAdamW(MuonAdamW):
                     torch._foreach_copy_(list(owned[:n_own].unbind(0)), params[start:start + n_own])
                 self._muon_update(group, grad[:n_own], owned[:n_own], self.state[params[0]], chunk)
                 # The gradient stack is free again: gather the updated params into it.
-                gathers.append((dist.all_gather_single(stacked, owned, async_op=True), params, stacked))
+                gathers.append((_all_gather(stacked, owned, async_op=True), params, stacked))
 
         # Phase 3: wait for the gathers and copy each Muon param out of its gathered stack.
         for work, params, stacked in gathers:
