@@ -22,8 +22,8 @@ Part 2, the step loop with the writer, per depth: training steps of that model (
 order: `reserve` after the first step, then at a save step `submit`, then steps that each call `wait_staged()`
 where the loop calls `optimizer.step()` and poll `done()` as the loop's report does, until the files are
 written (`--device cuda`: the model on the GPU under bf16 autocast, staged into pinned host buffers on a side
-stream, as in training on a GPU). Printed: how long the loop was blocked (submit + every wait_staged), and how much longer the
-overlapped steps took than the median of the steps around them (the writer's copy and write compete with
+stream, as in training on a GPU). Printed: how long the loop was blocked (submit + every wait_staged), and how
+much longer the overlapped steps took than the median of the steps around them (the writer's copy and write compete with
 training for this machine's cores and memory bandwidth). The optimizer step itself is left out: it comes
 after wait_staged, so it never overlaps staging, and at d20 its temporaries would not fit in memory beside
 two copies of the state.
@@ -64,7 +64,7 @@ def reference_model(depth: int):
 
 
 def materialise(depth: int, device: str = "cpu"):
-    """(model, optimizer) on `device` with a full optimizer state of MuonAdamW's shapes (values uninitialised)."""
+    """(model, optimizer) on `device` with a full optimizer state of MuonAdamW's shapes, every value zero."""
     from raychat.optim import _muon_state_shapes
 
     model = reference_model(depth)
