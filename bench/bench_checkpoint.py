@@ -23,10 +23,10 @@ order: `reserve` after the first step, then at a save step `submit`, then steps 
 where the loop calls `optimizer.step()` and poll `done()` as the loop's report does, until the files are
 written (`--device cuda`: the model on the GPU under bf16 autocast, staged into pinned host buffers on a side
 stream, as in training on a GPU). Printed: how long the loop was blocked (submit + every wait_staged), and how
-much longer the overlapped steps took than the median of the steps around them (the writer's copy and write compete with
-training for this machine's cores and memory bandwidth). The optimizer step itself is left out: it comes
-after wait_staged, so it never overlaps staging, and at d20 its temporaries would not fit in memory beside
-two copies of the state.
+much longer the overlapped steps took than the median of the steps around them (the writer's copy and write
+compete with training for this machine's cores and memory bandwidth). The optimizer step itself is left out:
+it comes after wait_staged, so it never overlaps staging, and at d20 its temporaries would not fit in memory
+beside two copies of the state.
 
 Part 3, Ray Train: a tiny train function (below, bench-only) reports a checkpoint directory of
 that many MB three times, with `CheckpointUploadMode.SYNC` and then `ASYNC`, doing `--work-s` seconds of
