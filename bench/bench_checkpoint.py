@@ -297,9 +297,10 @@ def main(argv=None) -> int:
         params = sum(p.numel() for p in model.parameters())
         grads = sum(p.numel() for m in model.modules() if not isinstance(m, torch.nn.Embedding)
                     for p in m.parameters(recurse=False))
-        need = 4 * (2 * 2.56 * params + grads) + 1.5 * 2**30  # the state twice, gradients, activations
-        if a.device == "cuda":  # the host holds only the staged copy
+        if a.device == "cuda":  # host memory holds only the staged copy of the state
             need = 4 * 2.56 * params + 1.5 * 2**30
+        else:  # the state twice, gradients, activations
+            need = 4 * (2 * 2.56 * params + grads) + 1.5 * 2**30
         if need > available_bytes():
             print(f"d{depth} loop: skipped, needs ~{need / 2**30:.1f} GiB of memory, {available_bytes() / 2**30:.1f} available")
             continue

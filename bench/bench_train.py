@@ -58,7 +58,7 @@ def prepare_bench_data(root: str, vocab_size: int = 4096) -> tuple[str, str]:
     """tinyshakespeare as shards (64-doc row groups, as tests/conftest.py) and a tokenizer, cached in `root`
     (carry a prepared `root` to a machine without ../shared, e.g. scripts/gpu_check.sh). Returns (data_dir,
     tokenizer_dir)."""
-    from raychat.data.shards import prepare, source_files
+    from raychat.data.shards import iter_source_docs, prepare, source_files
     from raychat.tokenizer import Tokenizer
 
     data_dir, tok_dir = os.path.join(root, "data"), os.path.join(root, f"tokenizer_{vocab_size}")
@@ -74,9 +74,7 @@ def prepare_bench_data(root: str, vocab_size: int = 4096) -> tuple[str, str]:
         with open(SHAKESPEARE, encoding="utf-8") as f:
             texts = [f.read()]
         if vocab_size > 16_384:  # tinyshakespeare runs out of merges at ~22k tokens: add the offline stdlib corpus
-            for path in source_files("stdlib"):
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    texts.append(f.read())
+            texts += [doc for _, doc in iter_source_docs(source_files("stdlib"), "file", [0])]
         tokenizer = Tokenizer.train_from_iterator(iter(texts), vocab_size)
         if tokenizer.get_vocab_size() != vocab_size:
             raise RuntimeError(f"the bench tokenizer reached {tokenizer.get_vocab_size()} tokens, not {vocab_size}")
