@@ -25,15 +25,19 @@ from raychat import checkpoint as ckpt_files  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-SHAKESPEARE = os.path.abspath(os.path.join(SHARED_DATA, "tinyshakespeare.txt"))
+# tinyshakespeare (public domain; 1.1 MB, shipped gzipped) is the test corpus: every test runs on a clone.
+SHAKESPEARE_GZ = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt.gz")
 
 
 @pytest.fixture(scope="session")
-def shakespeare_path():
-    if not os.path.exists(SHAKESPEARE):
-        pytest.skip(f"../shared/data/tinyshakespeare.txt is absent ({SHAKESPEARE}); CI has it")
-    return SHAKESPEARE
+def shakespeare_path(tmp_path_factory):
+    """tinyshakespeare.txt, unpacked once per session into a temp dir (read-only by convention)."""
+    import gzip
+
+    path = tmp_path_factory.mktemp("corpus") / "tinyshakespeare.txt"
+    with gzip.open(SHAKESPEARE_GZ, "rb") as f:
+        path.write_bytes(f.read())
+    return str(path)
 
 
 @pytest.fixture(scope="session")
