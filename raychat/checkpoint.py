@@ -4,12 +4,16 @@ One checkpoint is one directory (Ray Train uploads it to `{storage}/{run_name}/s
 
     model.pt             rank 0: the model state dict (the reference's keys and dtypes, no `_orig_mod.`)
     meta.json            rank 0: step, configs, loop state, metrics history, world layout (spec §9 + more)
-    optim_rank{r}.pt     every rank: its optimizer shard (valid only for the same world size, spec §3.4)
-    data_rank{r}.json    every rank: the exact state of its data slots (raychat.data.stream)
-    done_rank{r}.json    every rank, written last: the byte size of each file that rank wrote
+    optim_rank{r}.pt     every rank: its optimizer shard (spec §3.4; `load_rank_files` reshards them all
+                         for another world size)
+    data_rank{r}.json    every rank: the exact state of each data slot it owns (raychat.data.stream), in
+                         slot order; all ranks' lists concatenated are slots 0 .. num_slots - 1
+    done_rank{r}.json    every rank, written last: the byte size and CRC-32 of each file that rank wrote
 
 A checkpoint counts as complete only when meta.json and every rank's done file exist and every listed file
-has its recorded size, so a checkpoint cut short by a crash or a partial upload is detected and skipped.
+has its recorded size and checksum, so a checkpoint cut short by a crash or a partial upload, or damaged on
+disk later (bit rot, a bad copy), is detected and skipped. Checkpoints written before checksums existed
+(done files without "crc32") are checked by size only.
 Everything is read with `torch.load(weights_only=True)`: loading a checkpoint never executes code.
 
 nanochat's own layout (`model_{step:06d}.pt`, `meta_{step:06d}.json`, `optim_{step:06d}_rank{r}.pt`) is
@@ -22,6 +26,7 @@ import os
 import re
 import threading
 import time
+import zlib
 
 import torch
 
@@ -41,8 +46,9 @@ def _write_json(path: str, obj) -> None:
 
 
 def save_rank_files(directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
-                    meta: dict | None = None) -> None:
-    """Write this rank's part of a checkpoint into a local directory; the done file goes last."""
+                    meta: dict | None = None) -> int:
+    """Write this rank's part of a checkpoint into a local directory; the done file goes last. Returns the
+    bytes written."""
     os.makedirs(directory, exist_ok=True)
     written = []
     if model_state is not None:
@@ -55,7 +61,20 @@ def save_rank_files(directory: str, rank: int, optim_state: dict, data_state, mo
     _write_json(os.path.join(directory, f"data_rank{rank}.json"), data_state)
     written += [f"optim_rank{rank}.pt", f"data_rank{rank}.json"]
     sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in written}
-    _write_json(os.path.join(directory, f"done_rank{rank}.json"), {"files": sizes})
+    crcs = {name: file_crc32(os.path.join(directory, name)) for name in written}
+    _write_json(os.path.join(directory, f"done_rank{rank}.json"), {"files": sizes, "crc32": crcs})
+    return sum(sizes.values()) + os.path.getsize(os.path.join(directory, f"done_rank{rank}.json"))
+
+
+def file_crc32(path: str) -> int:
+    """CRC-32 of a file's bytes. Against bit rot, not an adversary: zlib's CRC runs at ~3.9 GB/s here (blake2b
+    0.8, sha256 1.8) and releases the GIL, so it costs the writer thread ~0.4 s per GB (BENCHMARKS.md). Read
+    back from the file just written (page cache), so the sum covers the bytes that reached the disk."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _map_tensors(obj, fn, other=lambda v: v):
@@ -111,7 +130,8 @@ class BackgroundWriter:
         self._start(lambda: self._buffers_for(tensors))
 
     def submit(self, directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
-               meta: dict | None = None) -> None:
+               meta: dict | None = None, then=None) -> None:
+        """`then()`, if given, runs on the thread once the files are written (to persist them to storage)."""
         self.wait()
         # The tensors' order here matches reserve()'s: optimizer, then model (data and meta hold none).
         state = (_detach(optim_state), _detach(data_state), _detach(model_state), _detach(meta))
@@ -143,7 +163,9 @@ class BackgroundWriter:
                 timings["staged"] = time.perf_counter() - t0
                 staged.set()
             optim, data, model, meta_ = snapshot
-            save_rank_files(directory, rank, optim, data, model_state=model, meta=meta_)
+            timings["bytes"] = save_rank_files(directory, rank, optim, data, model_state=model, meta=meta_)
+            if then is not None:
+                then()
             timings["written"] = time.perf_counter() - t0
 
         self._start(run)
@@ -199,7 +221,8 @@ def read_meta(directory: str) -> dict:
 
 
 def check_complete(directory: str) -> str | None:
-    """None when the checkpoint is complete, else a sentence saying what is missing or truncated."""
+    """None when the checkpoint is complete and intact, else a sentence saying what is missing, truncated or
+    corrupt (every file is read once for its checksum: ~0.4 s per GB)."""
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.exists(meta_path):
         return f"{meta_path} is missing"
@@ -211,7 +234,8 @@ def check_complete(directory: str) -> str | None:
         done_path = os.path.join(directory, f"done_rank{rank}.json")
         try:
             with open(done_path) as f:
-                sizes = json.load(f)["files"]
+                done = json.load(f)
+            sizes, crcs = done["files"], done.get("crc32", {})  # no "crc32": written before checksums, sizes only
         except (OSError, ValueError, KeyError):
             return f"{done_path} is missing or unreadable: rank {rank} never finished writing"
         for name, size in sizes.items():
@@ -220,6 +244,10 @@ def check_complete(directory: str) -> str | None:
                 return f"{path} is missing"
             if os.path.getsize(path) != size:
                 return f"{path} has {os.path.getsize(path)} bytes, {size} were written: truncated"
+        for name, crc in crcs.items():
+            path = os.path.join(directory, name)
+            if (found := file_crc32(path)) != crc:
+                return f"{path} does not match its checksum (crc32 {found:08x}, {crc:08x} was written): corrupt"
     return None
 
 
@@ -233,35 +261,61 @@ def list_step_dirs(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def load_rank_files(directory: str, rank: int, device) -> tuple[dict, dict, dict, object]:
-    """(model_state, optim_state, meta, data_state) for this rank. Raises with the reason if incomplete."""
+def saved_num_slots(meta: dict) -> int:
+    """The data slots (micro-batches per step) of the run that wrote `meta`; older checkpoints have no
+    `num_slots` and always used world_size x grad_accum_steps."""
+    return meta.get("num_slots") or meta.get("world_size", 1) * meta.get("grad_accum_steps", 1)
+
+
+def load_rank_files(directory: str, rank: int, device,
+                    world_size: int | None = None) -> tuple[dict, object, dict, list]:
+    """(model_state, optim_state, meta, data_state) for rank `rank` of `world_size` (None: the writer's). Raises
+    with the reason if incomplete.
+
+    When `world_size` differs from the one that wrote the checkpoint (a rerun with another --num-workers, an
+    elastic resize), every rank's files are read: `optim_state` is then the list of all the writer's optimizer
+    shards, which `MuonAdamW.load_state_dict` reshards to this rank (raychat.optim.reshard), and `data_state`
+    is the states of the slots this rank now owns (raychat.common.slot_range), cut from all ranks' slots."""
     problem = check_complete(directory)
     if problem is not None:
         raise RuntimeError(f"checkpoint {directory} is incomplete: {problem}")
     meta = read_meta(directory)
+    saved_world = meta.get("world_size", 1)
     model_state = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
-    optim_state = torch.load(os.path.join(directory, f"optim_rank{rank}.pt"), map_location=device, weights_only=True)
-    with open(os.path.join(directory, f"data_rank{rank}.json")) as f:
-        data_state = json.load(f)
-    return model_state, optim_state, meta, data_state
+
+    def data_of(r):
+        with open(os.path.join(directory, f"data_rank{r}.json")) as f:
+            return json.load(f)
+
+    if world_size is None or world_size == saved_world:
+        optim_state = torch.load(os.path.join(directory, f"optim_rank{rank}.pt"), map_location=device,
+                                 weights_only=True)
+        return model_state, optim_state, meta, data_of(rank)
+    from raychat.common import slot_range
+
+    # On the CPU: the full state exists only while this rank's shard is cut from it.
+    optim_state = [torch.load(os.path.join(directory, f"optim_rank{r}.pt"), map_location="cpu", weights_only=True)
+                   for r in range(saved_world)]
+    slots = [slot for r in range(saved_world) for slot in data_of(r)]
+    if len(slots) != saved_num_slots(meta):
+        raise ValueError(f"checkpoint {directory} holds {len(slots)} data slot states, its meta.json says "
+                         f"{saved_num_slots(meta)}: the checkpoint is damaged")
+    return model_state, optim_state, meta, [slots[s] for s in slot_range(rank, world_size, len(slots))]
 
 
-def check_compatible(meta: dict, model_config: dict, world_size: int, grad_accum_steps: int, where: str) -> None:
-    """Refuse, loudly, a checkpoint this run cannot continue exactly (spec §3.4: shards don't reshard)."""
+def check_compatible(meta: dict, model_config: dict, num_slots: int, where: str) -> None:
+    """Refuse, loudly, a checkpoint this run cannot continue exactly. The world size may differ (the state is
+    resharded, `load_rank_files`); the data slots (micro-batches per step) may not."""
     saved = meta.get("model_config", {})
     diffs = {k: (saved.get(k), v) for k, v in model_config.items() if saved.get(k) != v}
     if diffs:
         desc = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(f"checkpoint {where} is from another model ({desc}); use the same model flags or a "
                          "new --run-name")
-    if meta.get("world_size") != world_size:
-        raise ValueError(f"checkpoint {where} was written by {meta.get('world_size')} workers but this run has "
-                         f"{world_size}: optimizer shards are per rank; rerun with --num-workers "
-                         f"{meta.get('world_size')}")
-    if meta.get("grad_accum_steps") != grad_accum_steps:
-        raise ValueError(f"checkpoint {where} used {meta.get('grad_accum_steps')} gradient-accumulation steps, "
-                         f"this run {grad_accum_steps}: the data slots differ; keep --total-batch-size and "
-                         "--device-batch-size as they were")
+    if saved_num_slots(meta) != num_slots:
+        raise ValueError(f"checkpoint {where} read {saved_num_slots(meta)} micro-batches (data slots) per step, "
+                         f"this run {num_slots}: the data slots differ; keep --total-batch-size, "
+                         "--device-batch-size and --max-seq-len as they were")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 Nothing here imports Ray, so model, optimizer and tokenizer code can use it.
 """
+import argparse
 import os
 import sys
 
@@ -9,17 +10,35 @@ import torch
 import torch.distributed as dist
 
 
-def get_base_dir(base_dir: str | None = None) -> str:
+def get_base_dir(base_dir: str | None = None, create: bool = True) -> str:
     """Where shards, the tokenizer and checkpoints live: `RAYCHAT_BASE_DIR`, else ~/.cache/raychat.
 
-    Like the reference's NANOCHAT_BASE_DIR, but created on demand rather than at import time.
+    Like the reference's NANOCHAT_BASE_DIR, but created on demand rather than at import time (and never by
+    a dry run: `create=False`, which must leave the disk as it found it).
     """
     if base_dir is None:
         base_dir = os.environ.get("RAYCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "raychat")
     if "://" not in base_dir:
-        base_dir = os.path.abspath(base_dir)
-        os.makedirs(base_dir, exist_ok=True)
+        base_dir = os.path.abspath(os.path.expanduser(base_dir))
+        if create:
+            os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """The one --help style of every raychat command: an option's default once, at the end, when it has one
+    (None, False and "" mean "not set" and are left out; a help text that names its default keeps its own)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def cli_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of `python -m MODULE`, so usage lines read as the command a user types."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=HelpFormatter)
 
 
 def dist_info() -> tuple[int, int]:
@@ -27,6 +46,17 @@ def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def slot_range(rank: int, world_size: int, num_slots: int) -> range:
+    """The data slots rank `rank` of `world_size` owns: a contiguous, near-even share of the `num_slots`
+    micro-batches of a step (docs/ARCHITECTURE.md "slots"). With world_size dividing num_slots this is
+    rank * A .. rank * A + A - 1, A = num_slots / world_size; otherwise the first ranks own one slot fewer.
+    The whole layout depends only on num_slots, so a step reads the same batches whatever the world size."""
+    if not 1 <= world_size <= num_slots or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of {world_size} worker(s) over {num_slots} data slot(s): every worker "
+                         "needs at least one slot, so use at most num_slots workers")
+    return range(rank * num_slots // world_size, (rank + 1) * num_slots // world_size)
 
 
 def print0(*args, **kwargs) -> None:

@@ -17,6 +17,20 @@ DEBUG_FAIL_KINDS = ("exit", "kill", "kill-in-checkpoint", "nan")
 # The batch size (tokens) at which the reference tuned its learning rates (spec §1.1 item 8).
 REFERENCE_BATCH = 2**19
 
+# The settings that define a run's trajectory (model, horizon, batch, optimizer, schedules, data): a resumed
+# run must keep them, or say with --allow-changed that it means to change them (changed_settings). Everything
+# else may change on resume: logging and eval/sample/save cadence, storage and paths of the run itself, the
+# worker count (checked by checkpoint.check_compatible), failure handling, the data pipeline's backend and
+# actors (same tokens either way), debug flags. --data-dir and --tokenizer-dir are paths, which move (a copied
+# workspace, another mount point, an s3:// mirror), so they are not compared: the tokenizer is pinned by the
+# model's vocab_size (check_compatible), the shards' contents are not checked (docs/RELIABILITY.md).
+TRAJECTORY_SETTINGS = (
+    "depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern",
+    "num_iterations", "target_flops", "target_param_data_ratio", "device_batch_size", "total_batch_size",
+    "embedding_lr", "unembedding_lr", "weight_decay", "matrix_lr", "scalar_lr", "adam_beta1", "adam_beta2",
+    "warmup_ratio", "warmdown_ratio", "final_lr_frac",
+)
+
 
 @dataclass
 class TrainConfig:
@@ -52,9 +66,10 @@ class TrainConfig:
     save_every: int = -1
     model_tag: str | None = None
     # --- Ray ---
-    num_workers: int = 1
+    num_workers: int = 1  # with --num-workers MIN:MAX, the most workers (an elastic run)
+    min_workers: int | None = None  # elastic runs only: the MIN of --num-workers MIN:MAX (not a flag of its own)
     use_gpu: str = "auto"  # auto|true|false
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.0  # 0 = auto: a local Ray's CPUs / workers, 1 on a cluster (raychat.train)
     storage_path: str | None = None  # default <base>/runs; s3:// and gs:// work
     run_name: str | None = None  # a run's identity: the same name resumes it
     max_failures: int = 3
@@ -69,6 +84,9 @@ class TrainConfig:
     # --- extras beyond the reference ---
     init_from_nanochat: str | None = None  # a nanochat base checkpoint directory to start from
     nan_policy: str = "stop"  # stop|skip: what a non-finite loss does
+    compile: str = "auto"  # auto|true|false: torch.compile the model and the optimizer kernels (loop.use_compile)
+    ortho_dtype: str = "auto"  # auto|bf16|fp32: Muon's Polar Express dtype (auto: raychat.optim.default_ortho_dtype)
+    allow_changed: str = ""  # comma-separated settings a resumed run may change (TRAJECTORY_SETTINGS)
     profile: bool = False  # write a torch profiler trace of a few steps
     dry_run: bool = False  # validate, print the plan, exit before any work
     debug_fail_at_step: int = -1  # fault injection for tests (docs/RELIABILITY.md): the step
@@ -99,7 +117,12 @@ class TrainConfig:
             need(0.0 <= getattr(self, name) < 1.0, name, "must lie in [0, 1)")
         need(self.eval_every <= 0 or self.eval_tokens > 0, "eval_tokens", "must be positive when --eval-every > 0")
         need(self.num_workers >= 1, "num_workers", "must be at least 1 (one Ray Train worker per GPU or CPU slot)")
-        need(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"--num-workers={self.min_workers}:{self.num_workers}: an elastic range MIN:MAX needs "
+                             "1 <= MIN <= MAX")
+        need(self.cpus_per_worker >= 0, "cpus_per_worker", "must be positive, or 0 for auto")
+        need(self.compile in ("auto", "true", "false"), "compile", "must be auto, true or false")
+        need(self.ortho_dtype in ("auto", "bf16", "fp32"), "ortho_dtype", "must be auto, bf16 or fp32")
         need(self.use_gpu in ("auto", "true", "false"), "use_gpu", "must be auto, true or false")
         need(self.device_type in ("", "cuda", "cpu", "mps"), "device_type", "must be cuda, cpu, mps or empty (auto)")
         need(self.max_failures >= -1, "max_failures", "must be -1 (retry forever) or >= 0")
@@ -107,6 +130,9 @@ class TrainConfig:
         need(self.data_backend in ("ray", "inline"), "data_backend", "must be ray or inline")
         need(self.data_actors >= 1, "data_actors", "must be >= 1")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", "must be stop or skip")
+        unknown = [n for n in self.allowed_changes() if n not in TRAJECTORY_SETTINGS]
+        need(not unknown, "allow_changed", f"{', '.join(unknown)}: not a setting that defines a run's trajectory; "
+             f"name flags among {', '.join(TRAJECTORY_SETTINGS)} (others may change freely)")
         need(self.debug_fail_kind in DEBUG_FAIL_KINDS, "debug_fail_kind", f"must be one of {DEBUG_FAIL_KINDS}")
         need(0 <= self.debug_fail_rank < self.num_workers, "debug_fail_rank",
              f"must name a rank in [0, --num-workers={self.num_workers})")
@@ -117,7 +143,8 @@ class TrainConfig:
         """Absolute paths and URIs resolved on the driver: Ray workers chdir into their run directory."""
         from raychat.common import get_base_dir
 
-        base = get_base_dir(self.base_dir)
+        # Only names it: whatever is written there creates its own directory, and a dry run creates none.
+        base = get_base_dir(self.base_dir, create=False)
         absolute = lambda p: p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))  # noqa: E731
         return dataclasses.replace(
             self,
@@ -127,6 +154,10 @@ class TrainConfig:
             storage_path=absolute(self.storage_path) or os.path.join(base, "runs"),
             init_from_nanochat=absolute(self.init_from_nanochat),
         )
+
+    def allowed_changes(self) -> list[str]:
+        """--allow-changed as setting names (dashes or underscores, commas between)."""
+        return [n.strip().lstrip("-").replace("-", "_") for n in self.allow_changed.split(",") if n.strip()]
 
     @property
     def tag(self) -> str:
@@ -144,6 +175,17 @@ class TrainConfig:
             raise ValueError(f"unknown training settings {sorted(unknown)}; valid names are the flags of "
                              "`python -m raychat.train --help` with underscores")
         return cls(**d)
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> dict:
+    """{name: [old, new]} for each trajectory setting `cfg` changes from a checkpoint's user_config (a setting
+    the checkpoint does not record, from an older raychat, counts as unchanged)."""
+    now = cfg.user_config()
+    return {k: [saved[k], now[k]] for k in TRAJECTORY_SETTINGS if k in saved and saved[k] != now[k]}
+
+
+def describe_changes(changes: dict) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,9 +222,12 @@ _HELP = {
     "sample_every": "sample from model every N steps (-1 = disable)",
     "save_every": "save checkpoints every N steps (-1 = only at end)",
     "model_tag": "override model tag for checkpoint directory name (default d<depth>)",
-    "num_workers": "Ray Train workers (one per GPU, or CPU processes)",
+    "num_workers": "Ray Train workers (one per GPU, or CPU processes); MIN:MAX (e.g. 4:8) makes the run elastic: it "
+                   "starts with as many as fit, shrinks when nodes go (down to MIN) and grows back when they return, "
+                   "resuming exactly from the newest checkpoint at each resize (docs/ARCHITECTURE.md)",
     "use_gpu": "auto|true|false: train on GPUs (auto = when the cluster has any)",
-    "cpus_per_worker": "CPUs reserved for each training worker",
+    "cpus_per_worker": "CPUs reserved for each training worker, and its torch threads (0 = auto: the local "
+                       "machine's CPUs / --num-workers when raychat starts its own Ray, 1 on a cluster)",
     "storage_path": "where checkpoints and reports go: a local dir, s3://, gs:// (default <base>/runs)",
     "run_name": "the run's identity: rerunning with the same name resumes it (default <tag>-<timestamp>)",
     "max_failures": "worker/node failures to recover from automatically (-1 = unlimited)",
@@ -194,6 +239,13 @@ _HELP = {
     "data_actors": "Ray Data tokenizer actors per data slot",
     "init_from_nanochat": "initialise the model from a nanochat base checkpoint directory",
     "nan_policy": "stop|skip: on a non-finite loss, stop naming the step, or skip that update",
+    "compile": "auto|true|false: torch.compile the model and the optimizer kernels (auto = on CUDA, and on CPU "
+               "when a micro-batch's forward+backward is at least 20 GFLOP, i.e. d4 at B 8 x T 256 and up: the "
+               "first run compiles for ~100 s, later runs read the inductor cache in seconds)",
+    "ortho_dtype": "auto|bf16|fp32: dtype of Muon's Polar Express (auto = the reference's bf16 where bf16 matmuls "
+                   "are native: CUDA, CPUs with avx512_bf16/AMX/ARM bf16; fp32 where they are emulated)",
+    "allow_changed": "on resume, settings that may differ from the run's (e.g. matrix_lr,num_iterations); any other "
+                     "changed training setting is refused. The change and its step go into the run's history",
     "profile": "write a PyTorch profiler trace of a few steps into the run directory",
     "dry_run": "validate flags and data, print the plan, and exit without training",
     "debug_fail_at_step": "testing only: inject a fault (--debug-fail-kind) at this step",
@@ -209,21 +261,42 @@ def _parse_optional_int(s: str):
 
 
 def build_parser(description: str = "Pretrain a raychat (nanochat) base model on Ray Train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    from raychat.common import cli_parser
+
+    parser = cli_parser("raychat.train", description)
     kinds = {int: int, float: float, str: str, str | None: str, int | None: _parse_optional_int}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
+        if f.name in _NOT_FLAGS:
+            continue
+        if f.name == "num_workers":
+            parser.add_argument(flag, type=_parse_workers, default=f.default, help=_HELP[f.name])
+        elif f.type is bool:
             parser.add_argument(flag, action="store_true", help=_HELP[f.name])
         else:
-            parser.add_argument(flag, type=kinds[f.type], default=f.default,
-                                help=f"{_HELP[f.name]} (default: {f.default})")
+            parser.add_argument(flag, type=kinds[f.type], default=f.default, help=_HELP[f.name])
     return parser
 
 
+# Settings filled from another flag's value rather than a flag of their own.
+_NOT_FLAGS = {"min_workers"}
+
+
+def _parse_workers(s: str):
+    """--num-workers: N, or MIN:MAX for an elastic run (returned as the tuple (MIN, MAX))."""
+    lo, sep, hi = s.partition(":")
+    try:
+        return (int(lo), int(hi)) if sep else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a worker count N or an elastic range MIN:MAX "
+                                         "(e.g. 2 or 1:4)") from None
+
+
 def parse_args(argv=None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    args = vars(build_parser().parse_args(argv))
+    if isinstance(args["num_workers"], tuple):  # MIN:MAX
+        args["min_workers"], args["num_workers"] = args["num_workers"]
+    cfg = TrainConfig(**args)
     cfg.validate()
     return cfg
 
@@ -241,7 +314,8 @@ class Plan:
     num_flops_per_token: float
     tokens_per_fwdbwd: int
     world_tokens_per_fwdbwd: int
-    grad_accum_steps: int
+    grad_accum_steps: int  # micro-batches per step on the busiest rank (ceil(num_slots / world_size))
+    num_slots: int  # micro-batches (data slots) per step, over all ranks: total_batch_size / (B x T)
     batch_lr_scale: float
     weight_decay_scaled: float
     num_iterations: int
@@ -265,15 +339,29 @@ def derive(cfg: TrainConfig, vocab_size: int, world_size: int) -> Plan:
 
     tokens_per_fwdbwd = cfg.device_batch_size * cfg.max_seq_len
     world_tokens = tokens_per_fwdbwd * world_size
-    if cfg.total_batch_size % world_tokens != 0:
+    # A step is num_slots micro-batches (data slots) whatever the world size; rank r runs those of
+    # common.slot_range (docs/ARCHITECTURE.md "slots"). With world_size dividing num_slots every rank runs
+    # num_slots / world_size of them (the reference's grad_accum_steps); otherwise some run one fewer, and
+    # grad_accum_steps is the most any rank runs.
+    if cfg.total_batch_size % tokens_per_fwdbwd != 0:
         raise ValueError(
-            f"--total-batch-size={cfg.total_batch_size} must be divisible by device_batch_size x max_seq_len x "
-            f"num_workers = {cfg.device_batch_size} x {cfg.max_seq_len} x {world_size} = {world_tokens}; "
+            f"--total-batch-size={cfg.total_batch_size} must be divisible by device_batch_size x max_seq_len = "
+            f"{cfg.device_batch_size} x {cfg.max_seq_len} = {tokens_per_fwdbwd} (one micro-batch); "
             f"change --total-batch-size or --device-batch-size")
-    grad_accum_steps = cfg.total_batch_size // world_tokens
+    num_slots = cfg.total_batch_size // tokens_per_fwdbwd
+    if world_size > num_slots:
+        raise ValueError(
+            f"--num-workers={world_size} is more than the {num_slots} micro-batches of a step (--total-batch-size "
+            f"{cfg.total_batch_size} / ({cfg.device_batch_size} x {cfg.max_seq_len})): every worker needs at least "
+            f"one; use at most {num_slots} workers or a larger --total-batch-size")
+    grad_accum_steps = -(-num_slots // world_size)
     lines += [f"Tokens / micro-batch / rank: {cfg.device_batch_size} x {cfg.max_seq_len} = {tokens_per_fwdbwd:,}",
-              f"Tokens / micro-batch: {world_tokens:,}",
-              f"Total batch size {cfg.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}"]
+              f"Tokens / micro-batch: {world_tokens:,}"]
+    if num_slots % world_size == 0:
+        lines.append(f"Total batch size {cfg.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+    else:
+        lines.append(f"Total batch size {cfg.total_batch_size:,} => {num_slots} micro-batches over {world_size} "
+                     f"workers: gradient accumulation steps {num_slots // world_size}-{grad_accum_steps} per rank")
 
     ratio = cfg.total_batch_size / REFERENCE_BATCH
     batch_lr_scale = 1.0 if ratio == 1.0 else ratio**0.5
@@ -317,6 +405,6 @@ def derive(cfg: TrainConfig, vocab_size: int, world_size: int) -> Plan:
     return Plan(model_config=dataclasses.asdict(model_config), num_params=num_params,
                 num_scaling_params=num_scaling_params, param_counts=counts,
                 num_flops_per_token=num_flops_per_token, tokens_per_fwdbwd=tokens_per_fwdbwd,
-                world_tokens_per_fwdbwd=world_tokens, grad_accum_steps=grad_accum_steps,
+                world_tokens_per_fwdbwd=world_tokens, grad_accum_steps=grad_accum_steps, num_slots=num_slots,
                 batch_lr_scale=batch_lr_scale, weight_decay_scaled=weight_decay_scaled,
                 num_iterations=num_iterations, total_tokens=total_tokens, world_size=world_size, lines=lines)

@@ -19,13 +19,13 @@ from contextlib import nullcontext
 import torch
 
 from raychat import checkpoint as ckpt_files
-from raychat.common import autodetect_device_type, get_base_dir
+from raychat.common import autodetect_device_type, cli_parser, get_base_dir
 
 EVALS = ("core", "bpb", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a raychat or nanochat base model: CORE, bpb, samples")
+    p = cli_parser("raychat.eval", "Evaluate a raychat or nanochat base model: CORE, bpb, samples")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-name", help="a raychat run under --storage-path (its newest complete checkpoint)")
     src.add_argument("--checkpoint", help="a raychat checkpoint directory (step_XXXXXX)")
@@ -34,16 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default=None, help="where runs live (default <base>/runs)")
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per bpb batch per worker")
+    p.add_argument("--device-batch-size", type=int, default=None,
+                   help="rows per bpb batch (default: the run's, so its val bpb is reproduced; 32 for nanochat)")
     p.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
     p.add_argument("--base-dir", default=None, help="base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)")
     p.add_argument("--data-dir", default=None, help="shard directory (default <base>/base_data)")
     p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default <base>/tokenizer)")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers that split the work")
-    p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"])
-    p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"])
+    p.add_argument("--use-gpu", default="auto", choices=["auto", "true", "false"],
+                   help="evaluate on GPUs (auto = when the cluster has one per worker)")
+    p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"],
+                   help="cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--out-dir", default=None, help="where eval.json/eval.md go (default: beside the checkpoint)")
-    p.add_argument("--dry-run", action="store_true", help="validate the arguments, print them, exit")
+    p.add_argument("--dry-run", action="store_true", help="validate the arguments, print the settings and exit (the checkpoint is looked up at launch)")
     return p
 
 
@@ -54,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--eval {args.eval!r}: unknown evaluation(s) {sorted(unknown)}; choose from {EVALS}")
     if args.num_workers < 1:
         raise ValueError(f"--num-workers {args.num_workers}: must be at least 1")
-    if args.device_batch_size < 1 or args.split_tokens < 1:
+    if (args.device_batch_size is not None and args.device_batch_size < 1) or args.split_tokens < 1:
         raise ValueError("--device-batch-size and --split-tokens must be positive")
     base = get_base_dir(args.base_dir) if not args.dry_run else (args.base_dir or "<base>")
     args.base_dir = base
@@ -68,19 +71,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_run_exists(storage_path: str, run_name: str) -> str:
+    """The run's directory; a missing one raises naming the runs that are there (a run written under another
+    --base-dir, such as the quickstart's, is the usual cause)."""
+    run_dir = os.path.join(storage_path, run_name)
+    if "://" in storage_path or os.path.isdir(run_dir):
+        return run_dir
+    runs = sorted(d for d in os.listdir(storage_path) if os.path.isdir(os.path.join(storage_path, d))) \
+        if os.path.isdir(storage_path) else []
+    found = f"the runs there: {', '.join(runs)}" if runs else "it holds no runs"
+    raise FileNotFoundError(f"no run named {run_name} under {storage_path} ({found}); pass the --base-dir or "
+                            "--storage-path the run was trained with (the quickstart's is "
+                            "~/.cache/raychat/quickstart, and it prints the eval command for its run)")
+
+
 def resolve_checkpoint(args) -> tuple[str, str]:
     """(kind, directory): 'raychat' with a step_XXXXXX directory or 'nanochat' with its directory."""
     if args.nanochat:
         return "nanochat", args.nanochat
     if args.checkpoint:
+        if (problem := ckpt_files.check_complete(args.checkpoint)) is not None:
+            raise ValueError(f"--checkpoint {args.checkpoint} cannot be used: {problem}; pick another checkpoint")
         return "raychat", args.checkpoint
-    run_dir = os.path.join(args.storage_path, args.run_name)
+    run_dir = check_run_exists(args.storage_path, args.run_name)
     steps = ckpt_files.list_step_dirs(run_dir)
     if args.step is not None:
         steps = [(s, p) for s, p in steps if s == args.step]
     for _, path in reversed(steps):
-        if ckpt_files.check_complete(path) is None:
+        if (problem := ckpt_files.check_complete(path)) is None:
             return "raychat", path
+        if args.step is not None:  # the step asked for, damaged: never an older one in its place
+            raise ValueError(f"--step {args.step}: checkpoint {path} cannot be used: {problem}; pick another step")
+        print(f"WARNING: skipping incomplete checkpoint {path}: {problem}", file=sys.stderr)
     raise FileNotFoundError(f"no complete checkpoint{'' if args.step is None else f' at step {args.step}'} in "
                             f"{run_dir}; list the run with `ls {run_dir}`")
 
@@ -112,7 +134,7 @@ def evaluate(args, session) -> dict:
     from raychat.data.stream import PackedStream, val_stream
     from raychat.engine import Engine
     from raychat.loop import SAMPLE_PROMPTS
-    from raychat.loss_eval import evaluate_bpb
+    from raychat.loss_eval import bpb_from_sums, bpb_sums
     from raychat.tokenizer import TOKEN_BYTES_FILE, Tokenizer
 
     rank, world = session.rank, session.world_size
@@ -136,19 +158,30 @@ def evaluate(args, session) -> dict:
         session.log(f"CORE metric: {core['core_metric']:.4f}")
     if "bpb" in todo:
         token_bytes = torch.load(os.path.join(args.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device, weights_only=True)
-        B, T = args.device_batch_size, meta["model_config"]["sequence_len"]
-        steps = args.split_tokens // (B * T * world)
+        # The batches are laid out as the training run's evaluations laid them out (its device batch size,
+        # one stream per training rank: which documents a batch packs depends on both), so a raychat
+        # checkpoint's val bpb here equals the one its run logged at that step for the same token count.
+        B = args.device_batch_size or meta.get("device_batch_size") or 32
+        T = meta["model_config"]["sequence_len"]
+        streams = meta.get("world_size") or world
+        steps = args.split_tokens // (B * T * streams)
         if steps < 1:
-            raise ValueError(f"--split-tokens {args.split_tokens} is less than one batch of {B}x{T}x{world} tokens")
+            raise ValueError(f"--split-tokens {args.split_tokens} is less than one batch of {B}x{T}x{streams} tokens")
+        layout = f"{streams} stream(s) x {steps} batch(es) of {B}x{T} tokens, as the training run evaluated"
         train_files, val_file = split_shards(args.data_dir)
-        results["bpb"] = {}
+        results["bpb"], results["bpb_layout"] = {}, layout
         for split in ("train", "val"):
-            stream = (PackedStream(train_files, args.tokenizer_dir, B, T, slot=rank, num_slots=world, backend="inline")
-                      if split == "train" else val_stream(val_file, args.tokenizer_dir, B, T, rank, world))
-            with stream, torch.no_grad(), autocast_ctx:
-                bpb = evaluate_bpb(model, ((x.to(device), y.to(device)) for x, y in stream), steps, token_bytes)
-            results["bpb"][split] = bpb
-            session.log(f"{split} bpb: {bpb:.6f}")
+            nats = torch.zeros((), dtype=torch.float32, device=device)
+            nbytes = torch.zeros((), dtype=torch.int64, device=device)
+            for s in range(rank, streams, world):  # this worker's share of the streams, added in stream order
+                stream = (PackedStream(train_files, args.tokenizer_dir, B, T, slot=s, num_slots=streams,
+                                       backend="inline")
+                          if split == "train" else val_stream(val_file, args.tokenizer_dir, B, T, s, streams))
+                with stream, torch.no_grad(), autocast_ctx:
+                    n, b = bpb_sums(model, ((x.to(device), y.to(device)) for x, y in stream), steps, token_bytes)
+                nats, nbytes = nats + n, nbytes + b
+            results["bpb"][split] = bpb = bpb_from_sums(nats, nbytes)
+            session.log(f"{split} bpb: {bpb:.6f} ({layout})")
     if "sample" in todo and rank == 0:
         engine = Engine(model, tokenizer)
         samples = []
@@ -164,13 +197,19 @@ def evaluate(args, session) -> dict:
         for s in samples + unconditioned:
             session.log("-" * 60 + "\n" + s)
     if rank == 0:
+        from raychat.report import add_evaluation
+
         out_dir = args.out_dir or directory
-        write_results(results, out_dir)
+        md = write_results(results, out_dir)
         session.log(f"Wrote {os.path.join(out_dir, 'eval.json')} and eval.md")
+        report = os.path.join(os.path.dirname(os.path.normpath(directory)), "report.md")
+        if kind == "raychat" and add_evaluation(report, md):
+            session.log(f"Added the evaluation to the run's report {report}")
     return results
 
 
-def write_results(results: dict, out_dir: str) -> None:
+def write_results(results: dict, out_dir: str) -> str:
+    """eval.json and eval.md into out_dir; returns the markdown."""
     os.makedirs(out_dir, exist_ok=True)
     md = [f"## Base model evaluation: {results['checkpoint']}", "", f"- step: {results['step']}"]
     if "core" in results:
@@ -180,14 +219,18 @@ def write_results(results: dict, out_dir: str) -> None:
         md.append(f"| CORE | | {core['core_metric']:.4f} |")
     if "bpb" in results:
         md += [""] + [f"- {split} bpb: {v:.6f}" for split, v in results["bpb"].items()]
+        md.append(f"- bpb batches: {results['bpb_layout']}")
     if "samples" in results:
         md += ["", "### Samples", ""] + ["```\n" + s + "\n```" for s in results["samples"]["prompted"]]
+        md += ["", "### Unconditioned samples (temperature 1)", ""]
+        md += ["```\n" + s + "\n```" for s in results["samples"]["unconditioned"]]
     tmp = tempfile.mkdtemp()
     for name, text in (("eval.json", json.dumps(results, indent=2)), ("eval.md", "\n".join(md) + "\n")):
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
         shutil.move(os.path.join(tmp, name), os.path.join(out_dir, name))  # whole files only
     os.rmdir(tmp)
+    return "\n".join(md) + "\n"
 
 
 def _eval_worker(config: dict) -> None:

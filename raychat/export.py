@@ -5,7 +5,6 @@ dtypes as nanochat's GPT) and the tokenizer as `DIR/tokenizer/{tokenizer.pkl,tok
 own tools load the model (copy DIR to `$NANOCHAT_BASE_DIR/base_checkpoints/<tag>/` and the tokenizer to
 `$NANOCHAT_BASE_DIR/tokenizer/`). The reverse direction is `python -m raychat.train --init-from-nanochat DIR`.
 """
-import argparse
 import os
 import shutil
 import sys
@@ -13,32 +12,44 @@ import sys
 import torch
 
 from raychat import checkpoint as ckpt_files
-from raychat.common import get_base_dir
+from raychat.common import cli_parser, get_base_dir
+from raychat.eval import check_run_exists
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Export a raychat checkpoint in nanochat's layout")
+    p = cli_parser("raychat.export", "Export a raychat checkpoint in nanochat's layout")
     p.add_argument("--run-name", required=True, help="the raychat run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     p.add_argument("--storage-path", default=None, help="where runs live (default <base>/runs)")
     p.add_argument("--to-nanochat", required=True, help="output directory")
-    p.add_argument("--base-dir", default=None)
-    p.add_argument("--tokenizer-dir", default=None, help="default <base>/tokenizer")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--base-dir", default=None, help="base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)")
+    p.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default <base>/tokenizer)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the arguments, print what would be exported and exit (the run is looked up at launch)")
     args = p.parse_args(argv)
     if args.dry_run:
         print(f"would export run {args.run_name} step {args.step or 'newest'} to {args.to_nanochat}")
         return 0
-    base = get_base_dir(args.base_dir)
-    run_dir = os.path.join(args.storage_path or os.path.join(base, "runs"), args.run_name)
+    base = get_base_dir(args.base_dir, create=False)
+    try:
+        run_dir = check_run_exists(args.storage_path or os.path.join(base, "runs"), args.run_name)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tok_dir = args.tokenizer_dir or os.path.join(base, "tokenizer")
     candidates = [(s, d) for s, d in ckpt_files.list_step_dirs(run_dir) if args.step in (None, s)]
-    complete = [(s, d) for s, d in candidates if ckpt_files.check_complete(d) is None]
-    if not complete:
+    for step, directory in reversed(candidates):  # the newest intact one; an explicit --step or nothing
+        if (problem := ckpt_files.check_complete(directory)) is None:
+            break
+        if args.step is not None:
+            print(f"error: --step {args.step}: checkpoint {directory} cannot be used: {problem}; pick another step",
+                  file=sys.stderr)
+            return 2
+        print(f"WARNING: skipping incomplete checkpoint {directory}: {problem}", file=sys.stderr)
+    else:
         print(f"error: no complete checkpoint{'' if args.step is None else f' at step {args.step}'} in {run_dir}",
               file=sys.stderr)
         return 2
-    step, directory = complete[-1]
     state = torch.load(os.path.join(directory, ckpt_files.MODEL_FILE), map_location="cpu", weights_only=True)
     written = ckpt_files.export_nanochat(args.to_nanochat, step, state, ckpt_files.read_meta(directory))
     os.makedirs(os.path.join(args.to_nanochat, "tokenizer"), exist_ok=True)

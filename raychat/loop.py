@@ -4,6 +4,7 @@ Read it beside the seed script: setup (device, tokenizer, derived sizes, model, 
 data), then `while True` over steps 0..N with eval -> CORE -> sample -> save -> (stop) -> train -> log, as
 spec §1.3. Ray appears only through the session (resume checkpoint at the top, report at save points).
 """
+import functools
 import gc
 import io
 import math
@@ -18,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from raychat import checkpoint as ckpt_files
-from raychat.common import autodetect_device_type, get_peak_flops
-from raychat.config import TrainConfig, derive
+from raychat.common import autodetect_device_type, get_peak_flops, slot_range
+from raychat.config import TrainConfig, changed_settings, derive
 from raychat.schedules import lr_multiplier, muon_momentum, muon_weight_decay
-from raychat.session import new_checkpoint_dir
+from raychat.session import StorageError, free_bytes, new_checkpoint_dir, run_dir
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -52,6 +53,15 @@ def _init_wandb(cfg: TrainConfig, master: bool):
     return wandb.init(project="raychat", name=cfg.run, id=run_id, resume="allow", config=cfg.user_config())
 
 
+def _reduce_over_ranks(value: float, device, op) -> float:
+    """`value` all-reduced with `op` (dist.ReduceOp); every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
 def _all_ranks_agree(flag: bool, device) -> bool:
     """True if `flag` holds on any rank (a MAX all-reduce); every rank must call it."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -64,8 +74,6 @@ def _all_ranks_agree(flag: bool, device) -> bool:
 def _start_profiler(cfg: TrainConfig, device_type: str):
     """--profile: a PyTorch profiler trace of steps 2-4 of this run on rank 0, as Chrome trace JSON in the run
     directory (`profile_rank0.json`, open it in https://ui.perfetto.dev or chrome://tracing)."""
-    from raychat.session import run_dir
-
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device_type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -96,6 +104,28 @@ def _record(series: list, step: int, value: float) -> None:
     series.append([step, value])
 
 
+# --compile auto compiles on CPU from this much forward+backward work per micro-batch (6 x params x tokens plus
+# attention, derive's num_flops_per_token): d4 at B 8 x T 256 is 85 GFLOP, the tests' tiny runs ~0.1-1. At d4
+# on 2 cores compiling made a step ~2x faster, after ~100 s of cold compile (seconds from a warm cache,
+# docs/LOG.md); at the tests' sizes the step is milliseconds and the compile would dominate the suite.
+CPU_COMPILE_MIN_FLOPS = 20e9
+
+
+def use_compile(cfg: TrainConfig, device_type: str, flops_per_micro_batch: float) -> bool:
+    """--compile: torch.compile the model and the optimizer kernels (the reference compiles both everywhere)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "true"
+    return device_type == "cuda" or (device_type == "cpu" and flops_per_micro_batch >= CPU_COMPILE_MIN_FLOPS)
+
+
+def cpu_threads(cfg: TrainConfig) -> int:
+    """Torch threads of a CPU worker: its --cpus-per-worker (resolved by the driver), or with 0 (a run without
+    the driver, e.g. LocalSession) every CPU this process may run on."""
+    if cfg.cpus_per_worker > 0:
+        return max(1, int(cfg.cpus_per_worker))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _inject_failure(cfg: TrainConfig, rank: int, step: int, phase: str) -> None:
     """Fault injection for the reliability tests (docs/RELIABILITY.md): once per run (a marker file in the run
     directory), rank --debug-fail-rank dies at step --debug-fail-at-step in the phase --debug-fail-kind names:
@@ -103,8 +133,6 @@ def _inject_failure(cfg: TrainConfig, rank: int, step: int, phase: str) -> None:
     `kill-in-checkpoint` SIGKILL after writing its checkpoint files locally, before they are persisted."""
     if (cfg.debug_fail_at_step, cfg.debug_fail_kind, cfg.debug_fail_rank) != (step, phase, rank):
         return
-    from raychat.session import run_dir
-
     marker = os.path.join(run_dir(cfg), f".injected_failure_step{step}")
     if not os.path.exists(marker):
         open(marker, "w").close()
@@ -144,7 +172,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     if device_type == "cuda":
         log(f"GPU: {torch.cuda.get_device_name(device)} | Peak FLOPS (BF16): {peak_flops:.2e}")
     if device_type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # workers share the node's cores
+        torch.set_num_threads(cpu_threads(cfg))  # workers share the node's cores
     wandb_run = _init_wandb(cfg, master)
 
     # --- tokenizer, derived sizes, model ---
@@ -167,36 +195,51 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     resume = None
     with session.resume_checkpoint(cfg, fit_id) as resume_dir:
         if resume_dir is not None:
-            model_state, optim_state, meta, data_state = ckpt_files.load_rank_files(resume_dir, rank, device)
-            ckpt_files.check_compatible(meta, plan.model_config, world_size, plan.grad_accum_steps, resume_dir)
+            # Written by another world size (a rerun with other --num-workers, an elastic resize): the loader
+            # redistributes the optimizer shards and the slots' data states (docs/ARCHITECTURE.md).
+            model_state, optim_state, meta, data_state = ckpt_files.load_rank_files(resume_dir, rank, device,
+                                                                                   world_size)
+            ckpt_files.check_compatible(meta, plan.model_config, plan.num_slots, resume_dir)
             resume = dict(optim=optim_state, meta=meta, data=data_state)
             model.load_state_dict(model_state, strict=True, assign=True)
             log(f"Resuming from step {meta['step']} ({resume_dir})")
             del model_state
     if resume is None and cfg.init_from_nanochat:
         state, meta = ckpt_files.load_nanochat_model(cfg.init_from_nanochat, device=device)
-        ckpt_files.check_compatible({**meta, "world_size": world_size, "grad_accum_steps": plan.grad_accum_steps},
-                                    plan.model_config, world_size, plan.grad_accum_steps, cfg.init_from_nanochat)
+        ckpt_files.check_compatible({**meta, "num_slots": plan.num_slots}, plan.model_config, plan.num_slots,
+                                    cfg.init_from_nanochat)
         model.load_state_dict(state, strict=True, assign=True)
         log(f"Initialised from nanochat checkpoint {cfg.init_from_nanochat} (step {meta['step']})")
 
     orig_model = model  # uncompiled: sampling, CORE and the saved state dict (no `_orig_mod.` keys)
-    if device_type == "cuda":
+    compile_ = use_compile(cfg, device_type, plan.num_flops_per_token * cfg.device_batch_size * cfg.max_seq_len)
+    if compile_:
         model = torch.compile(model, dynamic=False)
+    ortho_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.ortho_dtype]
+    if device_type == "cpu":
+        from raychat.optim import default_ortho_dtype
+
+        log(f"CPU: {torch.get_num_threads()} thread(s) | compile: {compile_} | Muon orthogonalisation: "
+            f"{str(ortho_dtype or default_ortho_dtype(device)).removeprefix('torch.')}")
 
     s = plan.batch_lr_scale
     optimizer = orig_model.setup_optimizer(
         unembedding_lr=cfg.unembedding_lr * s, embedding_lr=cfg.embedding_lr * s, matrix_lr=cfg.matrix_lr * s,
         weight_decay=plan.weight_decay_scaled, adam_betas=(cfg.adam_beta1, cfg.adam_beta2),
-        scalar_lr=cfg.scalar_lr * s, distributed=world_size > 1)
+        scalar_lr=cfg.scalar_lr * s, distributed=world_size > 1, ortho_dtype=ortho_dtype,
+        compile_kernels=compile_)
     if resume is not None:
         optimizer.load_state_dict(resume["optim"])
 
     # --- data: one stream per slot this rank owns (docs/ARCHITECTURE.md "slots") ---
-    B, T, A = cfg.device_batch_size, cfg.max_seq_len, plan.grad_accum_steps
+    # This rank runs one micro-batch per slot it owns: A of the step's S, fewer than the busiest rank's
+    # plan.grad_accum_steps when the world size does not divide S.
+    B, T, S = cfg.device_batch_size, cfg.max_seq_len, plan.num_slots
+    my_slots = slot_range(rank, world_size, S)
+    A = len(my_slots)
     train_files, val_file = split_shards(cfg.data_dir)
     data_states = resume["data"] if resume is not None else [None] * A
-    streams = [PackedStream(train_files, tokenizer, B, T, slot=rank * A + a, num_slots=world_size * A,
+    streams = [PackedStream(train_files, tokenizer, B, T, slot=my_slots[a], num_slots=S,
                             state=data_states[a], backend=cfg.data_backend, actors=cfg.data_actors)
                for a in range(A)]
 
@@ -218,12 +261,27 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     if resume is None:
         step, val_bpb, min_val_bpb, smooth_train_loss, total_training_time = 0, None, float("inf"), 0.0, 0.0
         history = {"train_loss": [], "val_bpb": [], "core_metric": []}
+        resizes = []
+        setting_changes = []
     else:
         meta = resume["meta"]
         step, val_bpb = meta["step"], meta["val_bpb"]
         ls = meta["loop_state"]
         min_val_bpb, smooth_train_loss, total_training_time = ls["min_val_bpb"], ls["smooth_train_loss"], ls["total_training_time"]
         history = meta["history"]
+        # Every change of world size, with the wall time since the checkpoint it resumed from was written
+        # (the steps redone plus the restart), kept in meta.json and the report.
+        resizes = list(meta.get("resizes", []))
+        if meta["world_size"] != world_size:
+            lost = time.time() - meta["saved_at"] if "saved_at" in meta else None
+            resizes.append({"step": step, "from": meta["world_size"], "to": world_size,
+                            "lost_s": None if lost is None else round(lost, 2)})
+            log(f"Resized from {meta['world_size']} to {world_size} workers at step {step}"
+                + ("" if lost is None else f" ({lost:.1f}s since that checkpoint was written)"))
+        # Trajectory settings changed on this resume (the driver refused any not named by --allow-changed).
+        setting_changes = list(meta.get("setting_changes", []))
+        if changed := changed_settings(meta.get("user_config", {}), cfg):
+            setting_changes.append({"step": step, "changed": changed})
     resume_step = step if resume is not None else -1
     eval_steps = cfg.eval_tokens // (B * T * world_size)
     core_metric = None
@@ -235,27 +293,57 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     writer = ckpt_files.BackgroundWriter()
     pending_report = None
 
-    def flush_report(block: bool = True):
-        """Report the pending metrics and checkpoint to Ray once its files are written. Every rank calls this at
-        the same steps and they agree (one tiny all-reduce) on whether to report now, because `report` is a
-        collective; with block=False a write still running on some rank defers the report to a later step."""
+    def persist_checkpoint(checkpoint_dir, saved_step):
+        """On the writer thread, once the files are written locally: copy them to storage."""
+        _inject_failure(cfg, rank, saved_step, "kill-in-checkpoint")
+        session.persist(checkpoint_dir, saved_step)
+
+    def flush_report(block: bool = True) -> str | None:
+        """Report the pending metrics and checkpoint to Ray once its files are in storage. Every rank calls this
+        at the same steps and they agree (one tiny all-reduce) on whether to report now, because `report` is a
+        collective; with block=False a write still running on some rank defers the report to a later step.
+        Returns a reason to stop if the checkpoint could not be persisted for a lasting reason (the storage is
+        full or read-only: a restart would resume an older step and meet the same error again)."""
         nonlocal pending_report
         if pending_report is None:
-            return
-        has_checkpoint = pending_report[1] is not None
-        if not block and has_checkpoint and _all_ranks_agree(not writer.done(), device):
-            return
-        writer.wait()
-        if has_checkpoint:
-            _inject_failure(cfg, rank, pending_report[2], "kill-in-checkpoint")
-            w = writer.timings
-            log(f"Checkpoint of step {pending_report[2]:05d}: copied in {w['staged']:.2f}s and written in "
-                f"{w['written']:.2f}s on a thread, reported at step {step:05d}")
-        session.report(*pending_report)
+            return None
+        metrics_, checkpoint_dir, saved_step = pending_report
+        if not block and checkpoint_dir is not None and _all_ranks_agree(not writer.done(), device):
+            return None
         pending_report = None
+        lasting = 0
+        try:
+            writer.wait()
+        except RuntimeError as e:
+            if not isinstance(e.__cause__, StorageError):
+                raise  # anything else: Ray Train restarts the group from the newest checkpoint
+            lasting = e.__cause__.errno
+        if checkpoint_dir is not None:
+            if _reduce_over_ranks(lasting, device, dist.ReduceOp.MAX):
+                return storage_failure(saved_step, int(_reduce_over_ranks(lasting, device, dist.ReduceOp.MAX)))
+            w = writer.timings
+            log(f"Checkpoint of step {saved_step:05d}: copied in {w['staged']:.2f}s and written in "
+                f"{w['written']:.2f}s on a thread, reported at step {step:05d}")
+        session.report(metrics_, checkpoint_dir, saved_step)
+        return None
+
+    def storage_failure(saved_step: int, errno_: int) -> str:
+        """Every rank's writer is done: remove the step's partial directory and say what it needed."""
+        needed = _reduce_over_ranks(writer.timings.get("bytes", 0), device, dist.ReduceOp.SUM)
+        if master:
+            session.discard(saved_step)
+        free = free_bytes(run_dir(cfg))
+        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+        reason = (f"the checkpoint of step {saved_step} could not be saved to {run_dir(cfg)}: {os.strerror(errno_)}; "
+                  f"it needs {mib(needed)}" + ("" if free is None else f" and {mib(free)} are free there") +
+                  ". Its partial files were removed and the older checkpoints are intact: free space or pass another "
+                  "--storage-path, then rerun to resume")
+        log(f"ERROR: {reason}")
+        return reason
 
     while True:
-        flush_report(block=False)
+        if (stopped_reason := flush_report(block=False)) is not None:
+            break
         last_step = step == N
         flops_so_far = flops_per_step * step
         metrics = {}
@@ -309,20 +397,24 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                            train_loss=history["train_loss"][-1][1] if history["train_loss"] else float("nan"))
             if val_bpb is not None:
                 metrics.setdefault("val_bpb", val_bpb)  # carried forward: every report has it (RAY_PRACTICE §3)
-            flush_report()  # one report in flight at a time (only waits if checkpoints outpace their writes)
+            # One report in flight at a time (only waits if checkpoints outpace their writes).
+            if (stopped_reason := flush_report()) is not None:
+                break
             checkpoint_dir = None
             if save:
                 checkpoint_dir = new_checkpoint_dir()
                 meta = {
                     "step": step, "val_bpb": val_bpb, "model_config": plan.model_config,
                     "user_config": cfg.user_config(), "device_batch_size": B, "max_seq_len": T,
-                    "world_size": world_size, "grad_accum_steps": A, "fit_id": fit_id,
+                    "world_size": world_size, "grad_accum_steps": plan.grad_accum_steps, "num_slots": S,
+                    "fit_id": fit_id, "saved_at": time.time(), "resizes": resizes, "setting_changes": setting_changes,
                     "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
                                    "total_training_time": total_training_time},
                     "history": history,
                 }
                 writer.submit(checkpoint_dir, rank, optimizer.state_dict(), data_state_for_checkpoint(),
-                              model_state=orig_model.state_dict() if master else None, meta=meta if master else None)
+                              model_state=orig_model.state_dict() if master else None, meta=meta if master else None,
+                              then=functools.partial(persist_checkpoint, checkpoint_dir, step))
             # Written behind the next steps (writer.wait_staged() below is the only wait), reported by
             # flush_report once written on every rank, or right after the loop at the last step.
             pending_report = (metrics, checkpoint_dir, step)
@@ -345,7 +437,9 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             # Every micro-batch counts for the NaN check, not only the logged last one: one non-finite
             # micro-batch poisons the accumulated gradient. A device tensor, so no sync per micro-step.
             finite &= torch.isfinite(train_loss)
-            (loss / A).backward()
+            # The optimizer averages over the W ranks, so each of the S micro-batches counts 1/S: divide by S/W
+            # (exactly A when W divides S, the reference's loss / grad_accum_steps, bit for bit).
+            (loss / (S / world_size)).backward()
             if micro_step == 0:
                 _inject_failure(cfg, rank, step, "kill")
             nxt = (micro_step + 1) % A
@@ -386,7 +480,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         epoch = streams[0].epoch
         log(f"step {step:05d}/{N:05d} ({pct_done:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
             f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
-            f"total time: {total_training_time / 60:.2f}m{eta}")
+            f"total time: {total_training_time / 60:.2f}m{eta} | workers: {world_size}")
         history["train_loss"].append([step, debiased])
         if step % 100 == 0:
             wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
@@ -407,7 +501,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             gc.collect()
         _inject_failure(cfg, rank, step, "exit")
 
-    flush_report()  # the last step's checkpoint, or the last good one before a stop
+    stopped_reason = flush_report() or stopped_reason  # the last step's checkpoint, or the last good one
     if profiler is not None:
         profiler.stop()
     for st in streams:
@@ -422,6 +516,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         "step": step, "num_iterations": N, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
         "core_metric": core_metric, "mfu": mfu, "total_training_time": total_training_time,
         "total_training_flops": flops_per_step * step, "peak_memory_mib": peak_mem_mib, "stopped": stopped_reason,
+        "resizes": resizes, "setting_changes": setting_changes,
     }
     if stopped_reason is not None:
         # A clean return (not an exception): Ray would retry an exception, and a NaN would come back.

@@ -31,6 +31,13 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
       are all-reduced with SUM, so every rank returns the same global figure.
     - Returns total_nats / (ln 2 * total_bytes), or +inf when no byte was seen.
     """
+    return bpb_from_sums(*bpb_sums(model, batches, steps, token_bytes))
+
+
+@torch.no_grad()
+def bpb_sums(model, batches: Iterable, steps: int, token_bytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total_nats fp32, total_bytes int64) of this process's `steps` batches, before any reduction:
+    evaluate_bpb's sums, for a caller that adds several streams' sums itself (raychat.eval)."""
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"evaluate_bpb: steps={steps!r} must be an int >= 0 (the number of (x, y) batches)")
     if token_bytes.dim() != 1:
@@ -58,6 +65,11 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
         nb = torch.where(valid, token_bytes[torch.where(valid, y, 0)], 0)
         total_nats += (loss.float() * (nb > 0)).sum()
         total_bytes += nb.sum(dtype=torch.int64)
+    return total_nats, total_bytes
+
+
+def bpb_from_sums(total_nats: torch.Tensor, total_bytes: torch.Tensor) -> float:
+    """Bits per byte of the sums, all-reduced (SUM) over the process group when there is one."""
     _, world_size = dist_info()
     if world_size > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)

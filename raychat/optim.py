@@ -10,14 +10,14 @@ differ only in where the gradients come from (local `.grad`, or an averaged shar
 nanochat duplicated the step between its two classes; STYLE §9 asks for one implementation.
 
 Hyperparameters reach the kernels as 0-d fp32 CPU tensors (§3), so changing lr/momentum/wd every step does
-not recompile them. On CUDA the kernels are `torch.compile(dynamic=False, fullgraph=True)` like the
-reference; on CPU they run eagerly (see COMPILE_KERNELS).
+not recompile them. The kernels are `torch.compile(dynamic=False, fullgraph=True)` like the reference where
+the caller asks (`compile_kernels`; the training loop's --compile) and by default on CUDA (COMPILE_KERNELS).
 
 Precision (§3.2 QUIRK, §5). The reference runs Polar Express in bf16 and then casts beta2, lr and wd to the
-result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype=None` reproduces that on CUDA. On CPU it runs the
-orthogonalisation in fp32 with exact beta2/lr/wd ("fp32 on CPU unless asked"): where bf16 matmuls are
-emulated the reference's bf16 path is ~20x slower (95% of a d4 step); where they are native (oneDNN on
-AVX512/AMX/ARM bf16) bf16 is faster, and `ortho_dtype=torch.bfloat16` opts in (docs/BENCHMARKS.md).
+result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype=None` reproduces that on CUDA and on CPUs with native
+bf16 matmuls (avx512_bf16, AMX-bf16, ARM bf16: `cpu_has_native_bf16`), where it is also 3-5x faster than
+fp32. On other CPUs bf16 is emulated and ~20x slower (95% of a d4 step), so there it runs in fp32 with exact
+beta2/lr/wd (docs/BENCHMARKS.md, docs/LOG.md).
 """
 import functools
 import math
@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Compile the kernels on CUDA (as the reference) but never on CPU: inductor on CPU costs tens of seconds of
-# compile time per shape, which the tests and the small CPU runs never win back. Flip to False to debug.
+# Whether the kernels compile when the optimizer is not told (compile_kernels=None): on CUDA as the reference;
+# on CPU only when asked (the loop's --compile), because a cold inductor compile of the two kernels costs
+# ~50 s on a 2-core CPU, which a small or short CPU run (the tests) never wins back. Flip to False to debug.
 COMPILE_KERNELS = {"cuda": True, "cpu": False}
 
 # Polar Express coefficients (a, b, c), one triple per iteration, in order (spec §3.2; arXiv 2505.16932,
@@ -127,28 +128,43 @@ def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_
 
 
 def default_ortho_dtype(device: torch.device | str) -> torch.dtype:
-    """The Polar Express dtype `ortho_dtype=None` picks: the reference's bf16 on CUDA, fp32 elsewhere.
+    """The Polar Express dtype `ortho_dtype=None` picks: the reference's bf16 where bf16 matmuls are native
+    (CUDA; CPUs with `cpu_has_native_bf16()`), fp32 elsewhere.
 
-    On CPU the issue's rule is "fp32 unless asked otherwise": results then do not depend on whether a CPU
-    has native bf16 matmuls. Pass `ortho_dtype=torch.bfloat16` to get the reference's arithmetic on CPU
-    (faster where `cpu_has_fast_bf16()`, about 20x slower where bf16 is emulated; docs/BENCHMARKS.md).
+    Where bf16 is native the reference's own arithmetic is also the fastest (3-5x fp32 in the optimizer on
+    avx512_bf16, docs/BENCHMARKS.md); where it is emulated it is ~20x slower, and fp32 differs from it by at
+    most 0.017 in the loss over 20 d4 steps. Pass `ortho_dtype` to force one.
     """
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    kind = torch.device(device).type
+    return torch.bfloat16 if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()) else torch.float32
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    # The check torch itself uses to route CPU bf16 matmuls to oneDNN (avx512bw/vl/dq or ARM bf16).
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags /proc/cpuinfo lists (x86 `flags`, ARM `Features`); empty where it is absent."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
 
 
 @functools.cache
-def _kernels(device_type: str):
-    """(adamw, muon) kernels for a device type: compiled where COMPILE_KERNELS says so, else eager."""
-    if COMPILE_KERNELS.get(device_type, False):
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware: x86 avx512_bf16 or AMX-bf16, ARM bf16 (oneDNN's fast
+    paths). torch's own `mkldnn._is_mkldnn_bf16_supported()` is also true on plain AVX512 (avx512bw), where
+    oneDNN emulates bf16 dot products, so it is not the test. macOS (no /proc/cpuinfo) answers False."""
+    flags = _cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def _kernels(device_type: str, compiled: bool | None = None):
+    """(adamw, muon) kernels for a device type: compiled if `compiled` (None: as COMPILE_KERNELS), else eager."""
+    if compiled if compiled is not None else COMPILE_KERNELS.get(device_type, False):
         compile_ = functools.partial(torch.compile, dynamic=False, fullgraph=True)
         return compile_(adamw_kernel_), compile_(muon_kernel_)
     return adamw_kernel_, muon_kernel_
@@ -162,18 +178,19 @@ class MuonAdamW(torch.optim.Optimizer):
 
     `ortho_dtype`: dtype of the Polar Express iteration. None picks per device with `default_ortho_dtype`
     (bf16, the reference's behaviour, where bf16 matmuls are native; fp32 otherwise); torch.bfloat16 or
-    torch.float32 forces one.
+    torch.float32 forces one. `compile_kernels`: torch.compile the two kernels (None: as COMPILE_KERNELS).
     Muon state lives on each group's first param: momentum_buffer (K, rows, cols) in the param dtype and
     second_momentum_buffer (K, rows, 1) if rows >= cols else (K, 1, cols) in fp32. AdamW state per param:
     step (int), exp_avg, exp_avg_sq in the param dtype, created on the first step that has a gradient.
     """
 
-    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None):
+    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None, compile_kernels: bool | None = None):
         super().__init__(param_groups, defaults={})
         if ortho_dtype not in (None, torch.bfloat16, torch.float32):
             raise ValueError(f"ortho_dtype={ortho_dtype} is not supported: pass None (per device, see "
                              "default_ortho_dtype), torch.bfloat16 or torch.float32")
         self.ortho_dtype = ortho_dtype
+        self.compile_kernels = compile_kernels
         for group in self.param_groups:
             _validate_group(group)
         # 0-d fp32 CPU hyperparameter tensors, refilled each step: changing values never recompile.
@@ -204,7 +221,7 @@ class MuonAdamW(torch.optim.Optimizer):
         hp["beta2"].fill_(group["betas"][1])
         hp["eps"].fill_(group["eps"])
         hp["wd"].fill_(group["weight_decay"])
-        adamw, _ = _kernels(p.device.type)
+        adamw, _ = _kernels(p.device.type, self.compile_kernels)
         adamw(p_view, grad, state["exp_avg"], state["exp_avg_sq"], hp["step"], hp["lr"], hp["beta1"],
               hp["beta2"], hp["eps"], hp["wd"])
 
@@ -223,7 +240,7 @@ class MuonAdamW(torch.optim.Optimizer):
         hp["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))  # §3.2: tall matrices get more
         hp["wd"].fill_(group["weight_decay"])
         hp["beta2"].fill_(group["beta2"])
-        _, muon = _kernels(params.device.type)
+        _, muon = _kernels(params.device.type, self.compile_kernels)
         muon(grads, params, state["momentum_buffer"][:k], state["second_momentum_buffer"][:k],
              hp["momentum"], hp["lr"], hp["wd"], hp["beta2"], group["ns_steps"],
              self._ortho_dtype_for(params.device))
@@ -258,10 +275,15 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_copy_(params, list(stacked.unbind(0)))
         return loss
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict | list) -> None:
         """Standard Optimizer loading, then a check that every state tensor has the shape this optimizer
         (its groups, and for DistMuonAdamW its world size) expects: a shard from another layout is refused
-        rather than silently mis-sliced (spec §3.4)."""
+        rather than silently mis-sliced (spec §3.4).
+
+        A list is every rank's state dict of a run with another world size, in rank order (an elastic
+        resume): it is gathered into the full state and this rank's shard is cut from it (`reshard`)."""
+        if isinstance(state_dict, list):
+            state_dict = reshard(state_dict, self.param_shapes(), self._rank, self._world_size)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p, key, shape in self._expected_state_shapes(group):
@@ -273,7 +295,11 @@ class MuonAdamW(torch.optim.Optimizer):
                         f"param groups and world size ({self._world_size}); load the shard this rank saved "
                         "in a run with the same layout")
 
-    _world_size = 1
+    _rank, _world_size = 0, 1
+
+    def param_shapes(self) -> list[tuple]:
+        """The shape of every param in state-dict index order (groups in order, params in order)."""
+        return [tuple(p.shape) for group in self.param_groups for p in group["params"]]
 
     def _expected_state_shapes(self, group: dict) -> list[tuple[Tensor, str, tuple]]:
         """(param, state key, shape) of every state tensor of a group, single-process layout."""
@@ -321,8 +347,10 @@ class DistMuonAdamW(MuonAdamW):
     gradients are averaged here, inside step(), so every rank must call step() with its local gradients.
 
     - AdamW params with numel < 1024: all_reduce(AVG), full update with replicated state on every rank.
-    - Larger AdamW params: reduce_scatter(AVG) along dim 0 (needs shape[0] % world_size == 0); each rank
-      updates its slice with state of the slice's shape, then all_gathers the param.
+    - Larger AdamW params: reduce_scatter(AVG) along dim 0; rank r owns rows [r·per, (r+1)·per) ∩ [0, R)
+      with per = ceil(R / W), updates them with state of that slice's shape, then all_gathers the param.
+      When W does not divide R (an elastic run at an odd world size) the gradient and the gather are
+      zero-padded to per·W rows; the update is elementwise, so the result is the same as unpadded.
     - Muon group of K params: chunk = ceil(K / W); rank r owns params [r·chunk, (r+1)·chunk) ∩ [0, K) and
       holds state of leading size chunk (a rank owning fewer uses the leading part).
     Every reduction is launched before any computation (phase 1), so communication overlaps the maths of
@@ -334,30 +362,12 @@ class DistMuonAdamW(MuonAdamW):
     A state dict is this rank's shard: valid only for the same world size and groups (§3.4).
     """
 
-    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None):
+    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None, compile_kernels: bool | None = None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistMuonAdamW needs an initialised default process group "
                                "(torch.distributed.init_process_group); use MuonAdamW for one process")
         self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        super().__init__(param_groups, ortho_dtype)
-        for group in self.param_groups:
-            self._check_shardable(group)
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "_hp"):
-            self._check_shardable(self.param_groups[-1])
-
-    def _check_shardable(self, group: dict) -> None:
-        if group["kind"] != "adamw":
-            return
-        for p in group["params"]:
-            if p.numel() >= SMALL_PARAM_NUMEL and p.shape[0] % self._world_size != 0:
-                raise ValueError(
-                    f"AdamW param of shape {tuple(p.shape)} has numel >= {SMALL_PARAM_NUMEL}, so DistMuonAdamW "
-                    f"shards it along dim 0, which needs shape[0] % world_size == 0 ({p.shape[0]} % "
-                    f"{self._world_size} = {p.shape[0] % self._world_size}); pad that dimension to a multiple "
-                    f"of {self._world_size} (the model pads its vocab) or change the number of workers")
+        super().__init__(param_groups, ortho_dtype, compile_kernels)
 
     def _expected_state_shapes(self, group: dict) -> list[tuple[Tensor, str, tuple]]:
         params = group["params"]
@@ -366,7 +376,7 @@ class DistMuonAdamW(MuonAdamW):
             for p in params:
                 shape = tuple(p.shape)
                 if p.numel() >= SMALL_PARAM_NUMEL:
-                    shape = (shape[0] // self._world_size, *shape[1:])
+                    shape = (_share(shape[0], self._rank, self._world_size)[2], *shape[1:])
                 out += [(p, "exp_avg", shape), (p, "exp_avg_sq", shape)]
             return out
         return _muon_state_entries(params[0], -(-len(params) // self._world_size))
@@ -391,7 +401,12 @@ class DistMuonAdamW(MuonAdamW):
                         work = dist.all_reduce(grad, op=avg, async_op=True)
                         launched.append((work, group, p, grad))
                     else:
-                        grad_slice = grad.new_empty((p.shape[0] // world, *p.shape[1:]))
+                        per = -(-p.shape[0] // world)
+                        if per * world != p.shape[0]:  # uneven rows: zero-pad to per·W (see the docstring)
+                            padded = grad.new_zeros((per * world, *p.shape[1:]))
+                            padded[:p.shape[0]] = grad
+                            grad = padded
+                        grad_slice = grad.new_empty((per, *p.shape[1:]))
                         work = _reduce_scatter(grad_slice, grad, op=avg, async_op=True)
                         launched.append((work, group, p, grad_slice))
             else:
@@ -412,10 +427,16 @@ class DistMuonAdamW(MuonAdamW):
                 if p.numel() < SMALL_PARAM_NUMEL:
                     self._adamw_update(group, p, grad, self.state[p], p)
                 else:
-                    rows = p.shape[0] // world
-                    p_slice = p[rank * rows:(rank + 1) * rows]
-                    self._adamw_update(group, p, grad, self.state[p], p_slice)
-                    gathers.append((_all_gather(p, p_slice, async_op=True), None, None))
+                    per, start, n_own = _share(p.shape[0], rank, world)
+                    p_slice = p[start:start + n_own]
+                    self._adamw_update(group, p, grad[:n_own], self.state[p], p_slice)
+                    if per * world == p.shape[0]:
+                        gathers.append((_all_gather(p, p_slice, async_op=True), None, None, None))
+                    else:  # gather equal chunks into a padded buffer; phase 3 copies the real rows out
+                        chunk = p.new_zeros((per, *p.shape[1:]))
+                        chunk[:n_own] = p_slice
+                        gathered = p.new_empty((per * world, *p.shape[1:]))
+                        gathers.append((_all_gather(gathered, chunk, async_op=True), "rows", [p], gathered))
             else:
                 params, stacked, chunk = group["params"], target, grad.shape[0]
                 start = rank * chunk
@@ -425,12 +446,14 @@ class DistMuonAdamW(MuonAdamW):
                     torch._foreach_copy_(list(owned[:n_own].unbind(0)), params[start:start + n_own])
                 self._muon_update(group, grad[:n_own], owned[:n_own], self.state[params[0]], chunk)
                 # The gradient stack is free again: gather the updated params into it.
-                gathers.append((_all_gather(stacked, owned, async_op=True), params, stacked))
+                gathers.append((_all_gather(stacked, owned, async_op=True), "stack", params, stacked))
 
-        # Phase 3: wait for the gathers and copy each Muon param out of its gathered stack.
-        for work, params, stacked in gathers:
+        # Phase 3: wait for the gathers and copy each Muon param (and padded AdamW param) out of its buffer.
+        for work, kind, params, stacked in gathers:
             work.wait()
-            if params is not None:
+            if kind == "rows":  # a zero-padded AdamW param: its real rows
+                params[0].copy_(stacked[:params[0].shape[0]])
+            elif kind == "stack":
                 torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
         return loss
 
@@ -441,3 +464,98 @@ class DistMuonAdamW(MuonAdamW):
                                "param's gradient across ranks, so all ranks need a gradient for every param "
                                "(make it take part in the loss, or leave it out of the optimizer)")
         return p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resharding (elastic runs, docs/ARCHITECTURE.md): a state saved by W ranks continued on W' ranks.
+#
+# The full state is the single-process (MuonAdamW) layout, which is also DistMuonAdamW's at W = 1. Rank r of
+# W holds: AdamW params below SMALL_PARAM_NUMEL whole (replicated); larger AdamW params rows
+# [r·per, (r+1)·per) ∩ [0, R) of exp_avg / exp_avg_sq, per = ceil(R/W); for each Muon group of K params, on its first param, buffers of
+# leading size chunk = ceil(K/W) whose first n_own = clamp(K - r·chunk, 0, chunk) entries are params
+# [r·chunk, r·chunk + n_own) and whose rest stays zero (no rank ever writes it). Gathering and cutting are
+# copies, so W -> W' -> W gives back the very tensors saved.
+
+def _share(k: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(chunk, start, n_own) of k items (a Muon group's params, a large AdamW param's rows) on `rank` of
+    `world_size`: chunks of ceil(k/W), the last ranks own fewer or none (DistMuonAdamW.step)."""
+    chunk = -(-k // world_size)
+    start = rank * chunk
+    return chunk, start, max(0, min(chunk, k - start))
+
+
+def _groups_of(state_dict: dict):
+    return [(g["kind"], list(g["params"])) for g in state_dict["param_groups"]]
+
+
+def gather_full_state(shards: list[dict], param_shapes: list[tuple]) -> dict:
+    """The single-process state dict from the state dicts of all W = len(shards) ranks (rank order)."""
+    world = len(shards)
+    first = shards[0]
+    if any(_groups_of(s) != _groups_of(first) for s in shards):
+        raise ValueError("the optimizer shards disagree on their param groups: they are not from one run")
+    state = {}
+    for kind, idxs in _groups_of(first):
+        present = [i for i in idxs if i in first["state"]]
+        if kind == "adamw":
+            for i in present:
+                entry = dict(first["state"][i])  # step (an int) and, for small params, the whole state
+                if math.prod(param_shapes[i]) >= SMALL_PARAM_NUMEL:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        parts = [s["state"][i][key] for s in shards]
+                        rows = [_share(param_shapes[i][0], r, world)[2] for r in range(world)]
+                        if [t.shape[0] for t in parts] != rows:
+                            raise ValueError(f"AdamW state '{key}' of a param of shape {param_shapes[i]}: shards "
+                                             f"of {[t.shape[0] for t in parts]} rows, expected {rows} from "
+                                             f"{world} ranks")
+                        entry[key] = torch.cat(parts, 0)
+                state[i] = entry
+        elif present:
+            first_idx, k = idxs[0], len(idxs)
+            entry = {}
+            for key in ("momentum_buffer", "second_momentum_buffer"):
+                parts = []
+                for rank, s in enumerate(shards):
+                    chunk, _, n_own = _share(k, rank, world)
+                    t = s["state"][first_idx][key]
+                    if t.shape[0] != chunk:
+                        raise ValueError(f"Muon state '{key}' of a group of {k} params of shape "
+                                         f"{param_shapes[first_idx]}: rank {rank} holds {t.shape[0]} matrices, "
+                                         f"expected ceil({k}/{world}) = {chunk}")
+                    parts.append(t[:n_own])
+                entry[key] = torch.cat(parts, 0)
+            state[first_idx] = entry
+    return {"state": state, "param_groups": [dict(g) for g in first["param_groups"]]}
+
+
+def shard_state(full: dict, param_shapes: list[tuple], rank: int, world_size: int) -> dict:
+    """Rank `rank`'s state dict of a DistMuonAdamW over `world_size` ranks, cut from a full state dict."""
+    state = {}
+    for kind, idxs in _groups_of(full):
+        present = [i for i in idxs if i in full["state"]]
+        if kind == "adamw":
+            for i in present:
+                entry = dict(full["state"][i])
+                if math.prod(param_shapes[i]) >= SMALL_PARAM_NUMEL:
+                    _, start, n_own = _share(param_shapes[i][0], rank, world_size)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        entry[key] = full["state"][i][key][start:start + n_own].clone()
+                else:
+                    entry = {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+                state[i] = entry
+        elif present:
+            first_idx = idxs[0]
+            chunk, start, n_own = _share(len(idxs), rank, world_size)
+            entry = {}
+            for key in ("momentum_buffer", "second_momentum_buffer"):
+                t = full["state"][first_idx][key]
+                out = t.new_zeros((chunk, *t.shape[1:]))
+                out[:n_own] = t[start:start + n_own]
+                entry[key] = out
+            state[first_idx] = entry
+    return {"state": state, "param_groups": [dict(g) for g in full["param_groups"]]}
+
+
+def reshard(shards: list[dict], param_shapes: list[tuple], rank: int, world_size: int) -> dict:
+    """Rank `rank` of `world_size`'s state dict from the state dicts of all ranks of another world size."""
+    return shard_state(gather_full_state(shards, param_shapes), param_shapes, rank, world_size)

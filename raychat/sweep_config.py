@@ -273,7 +273,8 @@ def parse_sweep(data, path: str, text: str = "", overrides: dict | None = None) 
         chk.fail(("storage_path",), f"{storage!r} must be a directory path or URI")
     if storage is None:
         storage = os.path.join(get_base_dir(data.get("train", {}).get("base_dir")
-                                            if isinstance(data.get("train"), dict) else None), "sweeps")
+                                            if isinstance(data.get("train"), dict) else None, create=False),
+                               "sweeps")  # not created here: a dry run loads the sweep too
     elif "://" not in storage:
         storage = os.path.abspath(os.path.expanduser(storage))
 

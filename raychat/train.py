@@ -13,7 +13,7 @@ import os
 import sys
 import uuid
 
-from raychat.config import TrainConfig, derive, parse_args
+from raychat.config import TrainConfig, changed_settings, derive, describe_changes, parse_args
 
 # What workers need in their environment; forwarded only when set, never secrets (those travel through the
 # job's runtime_env, see docs/CLUSTER.md).
@@ -21,46 +21,116 @@ _FORWARD_ENV = ("RAYCHAT_BASE_DIR", "WANDB_MODE", "WANDB_PROJECT", "TORCHINDUCTO
                 "RAY_DATA_USE_DATASOURCE_V2")
 
 
-def preflight(cfg: TrainConfig):
-    """Everything that can fail cheaply fails here, before the cluster does any work. Returns the plan."""
-    from raychat import checkpoint as ckpt_files
-    from raychat.data.shards import split_shards, validate_shard
-    from raychat.data.stream import inspect_files
-    from raychat.session import resume_checkpoint
+class PreflightError(ValueError):
+    """Every problem preflight found, one per line: a dry run on a fresh machine names all that is missing."""
+
+    def __init__(self, problems: list):
+        self.problems = problems
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer; both files must load here: missing or corrupt, every worker would fail and retry."""
     from raychat.tokenizer import TOKENIZER_FILE, Tokenizer
 
-    # Both tokenizer files must load here: missing or corrupt, every worker would fail and be retried.
     files = read_tokenizer_files(cfg.tokenizer_dir)
     where = f"{cfg.tokenizer_dir}/{TOKENIZER_FILE}"
     try:
-        tokenizer = Tokenizer.from_bytes(files[TOKENIZER_FILE], where=where)
+        return Tokenizer.from_bytes(files[TOKENIZER_FILE], where=where)
     except ValueError:
         raise
     except Exception as e:  # a truncated or foreign pickle raises UnpicklingError, EOFError, ...
         raise ValueError(f"{where} cannot be loaded ({type(e).__name__}: {e}): it is corrupt or not a tokenizer; "
                          "retrain it with `python -m scripts.tok_train`") from e
+
+
+def check_shards(cfg: TrainConfig) -> list:
+    """The training shards (the first and the validation shard read as parquet)."""
+    from raychat.data.shards import split_shards, validate_shard
+
     train_files, val_file = split_shards(cfg.data_dir)
     for path in train_files[:1] + [val_file]:
         validate_shard(path)
-    plan = derive(cfg, tokenizer.get_vocab_size(), cfg.num_workers)
-    num_slots = cfg.num_workers * plan.grad_accum_steps
+    return train_files
+
+
+def check_slots(cfg: TrainConfig, plan, train_files: list) -> None:
+    from raychat.data.stream import inspect_files
+
     most = max(inspect_files(train_files))
-    if most < num_slots:
+    if most < plan.num_slots:
         raise ValueError(f"the training shards in {cfg.data_dir} have at most {most} row group(s) per file, fewer "
-                         f"than the {num_slots} data slots (workers x accumulation steps) that each need their "
+                         f"than the {plan.num_slots} data slots (workers x accumulation steps) that each need their "
                          "own: use fewer workers or accumulation steps, or prepare the shards with a smaller "
                          "--rows-per-group")
-    if cfg.init_from_nanochat:
-        ckpt_files.find_nanochat_step(cfg.init_from_nanochat)
-    with resume_checkpoint(cfg) as d:  # the checkpoint the workers will resume, checked against this run
+
+
+def check_resume(cfg: TrainConfig, plan) -> None:
+    """The checkpoint the workers will resume (if any), checked against this run."""
+    from raychat import checkpoint as ckpt_files
+    from raychat.session import resume_checkpoint
+
+    with resume_checkpoint(cfg) as d:
         if d is not None:
-            ckpt_files.check_compatible(ckpt_files.read_meta(d), plan.model_config, cfg.num_workers,
-                                        plan.grad_accum_steps, d)
-    if cfg.core_metric_every > 0:
+            meta = ckpt_files.read_meta(d)
+            ckpt_files.check_compatible(meta, plan.model_config, plan.num_slots, d)
+            check_settings_kept(cfg, meta, d)
+
+
+def preflight(cfg: TrainConfig, resume: bool = True):
+    """Everything that can fail cheaply fails here, before the cluster does any work: the tokenizer, the
+    shards, the data slots, a nanochat checkpoint to start from and the checkpoint a rerun resumes
+    (`resume=False` skips that: a sweep's trials are new runs). Collects every problem and raises them
+    together as a PreflightError; returns the plan. --dry-run runs exactly this, and only this."""
+    from raychat import checkpoint as ckpt_files
+
+    problems = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except (ValueError, OSError, RuntimeError) as e:  # OSError: a missing file, an unreachable bucket
+            problems.append(str(e))
+            return None
+
+    tokenizer = check(load_tokenizer, cfg)
+    train_files = check(check_shards, cfg)
+    # Without a tokenizer, plan with the reference's vocabulary so the batch and slot checks still run.
+    vocab_size = tokenizer.get_vocab_size() if tokenizer is not None else 32768
+    try:
+        plan = derive(cfg, vocab_size, cfg.num_workers)
+        for world_size in range(cfg.min_workers or cfg.num_workers, cfg.num_workers):
+            derive(cfg, vocab_size, world_size)  # an elastic run may resize to any of these
+    except ValueError as e:  # the flags themselves: the checks below need a plan
+        raise PreflightError(problems + [str(e)]) from None
+    if train_files is not None:
+        check(check_slots, cfg, plan, train_files)
+    if cfg.init_from_nanochat:
+        check(ckpt_files.find_nanochat_step, cfg.init_from_nanochat)
+    if resume:
+        check(check_resume, cfg, plan)
+    if cfg.core_metric_every > 0 and not cfg.dry_run:  # a dry run touches no network: the run downloads it
         from raychat.core_eval import download_eval_bundle
 
-        download_eval_bundle(base_dir=cfg.base_dir)
+        check(download_eval_bundle, cfg.base_dir)
+    if problems:
+        raise PreflightError(problems)
     return plan
+
+
+def check_settings_kept(cfg: TrainConfig, meta: dict, where: str) -> None:
+    """A resumed run keeps the settings that define its trajectory (config.TRAJECTORY_SETTINGS), unless the
+    user names the change with --allow-changed; the loop then records it in the run's history."""
+    changes = changed_settings(meta.get("user_config", {}), cfg)
+    refused = {k: v for k, v in changes.items() if k not in cfg.allowed_changes()}
+    if refused:
+        raise ValueError(f"run {cfg.run_name} would resume from step {meta['step']} ({where}) with other settings "
+                         f"than it was trained with: {describe_changes(refused)}; rerun with the run's settings, or "
+                         f"add --allow-changed {','.join(refused)} if the change is intended (it is recorded in the "
+                         "run's history), or start a new --run-name")
+    if changes:
+        print(f"Changed settings from step {meta['step']} on (--allow-changed): {describe_changes(changes)}")
 
 
 def _vocab_size_if_present(cfg: TrainConfig) -> int:
@@ -73,11 +143,26 @@ def _vocab_size_if_present(cfg: TrainConfig) -> int:
 
 
 def _print_plan(cfg: TrainConfig, plan) -> int:
-    print(f"Run {cfg.run_name}: {plan.num_iterations} steps, {cfg.num_workers} worker(s) x "
+    workers = f"{cfg.min_workers}-{cfg.num_workers} worker(s) (elastic; at the most)" if cfg.min_workers else \
+        f"{cfg.num_workers} worker(s)"
+    print(f"Run {cfg.run_name}: {plan.num_iterations} steps, {workers} x "
           f"{plan.grad_accum_steps} accumulation step(s), storage {cfg.storage_path}")
     for line in plan.lines:
         print("  " + line)
     return 0
+
+
+def resolve_cpus(cfg: TrainConfig) -> TrainConfig:
+    """--cpus-per-worker 0 (auto): when raychat starts its own local Ray, the machine's CPUs shared among the
+    workers (1 worker on 2 cores gets both: 1.7x the tokens/s of 1 thread at d4, docs/LOG.md); on a cluster it
+    attaches to, 1 (a GPU worker needs few; pass --cpus-per-worker to reserve more)."""
+    import ray
+
+    if cfg.cpus_per_worker > 0:
+        return cfg
+    local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return dataclasses.replace(cfg, cpus_per_worker=float(max(1, cpus // cfg.num_workers)) if local else 1.0)
 
 
 def init_ray(cfg: TrainConfig):
@@ -94,6 +179,9 @@ def init_ray(cfg: TrainConfig):
     # The dashboard (on 127.0.0.1 only) serves the Train view and the state API, which Ray Train's placement
     # group cleaner polls: without it every poll logs a warning.
     needed = cfg.num_workers * cfg.cpus_per_worker + (cfg.num_workers * cfg.data_actors + 1)
+    # One machine has no other node to lose: Ray Train's preemption watcher would watch nothing, and its
+    # actor logs an error at every start (its arguments live in the object store, ray#53727).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
              dashboard_host="127.0.0.1")
 
@@ -102,10 +190,11 @@ def resolve_device(cfg: TrainConfig) -> TrainConfig:
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.use_gpu == "true" and gpus < cfg.num_workers:
-        raise ValueError(f"--use-gpu true asks for {cfg.num_workers} GPUs but the Ray cluster has {gpus:g}; "
+    fewest = cfg.min_workers or cfg.num_workers  # an elastic run starts with as many as fit, at least MIN
+    if cfg.use_gpu == "true" and gpus < fewest:
+        raise ValueError(f"--use-gpu true asks for {fewest} GPUs but the Ray cluster has {gpus:g}; "
                          "use --use-gpu false to train on CPUs or add GPU nodes")
-    use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and gpus >= cfg.num_workers and gpus > 0)
+    use_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and gpus >= fewest and gpus > 0)
     if cfg.device_type == "cuda" and not use_gpu:
         raise ValueError(f"--device-type cuda needs GPUs, and the Ray cluster has {gpus:g} for "
                          f"{cfg.num_workers} workers")
@@ -139,8 +228,18 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
     from raychat.loop import train_loop_per_worker
 
     use_gpu = cfg.use_gpu == "true"
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker or 1.0, **({"GPU": 1} if use_gpu else {})}  # 0 = auto: main resolves it
     env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    if cfg.min_workers:
+        # Elastic (--num-workers MIN:MAX): Ray Train starts as many workers as the cluster holds (at least MIN),
+        # restarts with fewer after a failure, and every RAYCHAT_RESIZE_CHECK_S seconds (Ray's default 60)
+        # restarts a healthy group with more if more fit. Each restart resumes the newest checkpoint, resharded.
+        scaling_config = ScalingConfig(num_workers=(cfg.min_workers, cfg.num_workers), use_gpu=use_gpu,
+                                       resources_per_worker=resources,
+                                       elastic_resize_monitor_interval_s=float(
+                                           os.environ.get("RAYCHAT_RESIZE_CHECK_S", 60)))
+    else:
+        scaling_config = ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
     # Worker prints go straight to stdout (Train's print patch would echo every line twice here), and the
     # step line is the progress report: no Ray Data progress bars for the internal token streams.
     env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
@@ -149,7 +248,7 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "fit_id": fit_id or uuid.uuid4().hex,
                            "tokenizer_files": read_tokenizer_files(cfg.tokenizer_dir)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config,
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
@@ -166,16 +265,18 @@ def main(argv=None) -> int:
         if cfg.run_name is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg = dataclasses.replace(cfg, run_name=f"{cfg.tag}-{stamp}")
-        if cfg.dry_run:
-            # Parse and plan only: no data, tokenizer, storage or cluster is touched (the docs' commands are
-            # checked this way). The vocabulary comes from the tokenizer when one is present.
-            return _print_plan(cfg, derive(cfg, _vocab_size_if_present(cfg), cfg.num_workers))
         plan = preflight(cfg)
+        if cfg.dry_run:  # the real launch's checks, all of them, and no cluster
+            _print_plan(cfg, plan)
+            print("Dry run: flags, tokenizer, shards, data slots and the checkpoint to resume are fine; "
+                  "nothing was started.")
+            return 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print_plan(cfg, plan)
 
+    cfg = resolve_cpus(cfg)
     init_ray(cfg)
     try:
         cfg = resolve_device(cfg)

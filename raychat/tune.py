@@ -24,8 +24,10 @@ import shlex
 import sys
 import time
 
+from raychat.common import cli_parser
 from raychat.config import TrainConfig
 from raychat.sweep_config import Sweep, SweepConfigError, check_cluster, check_plan, load_sweep
+from raychat.train import PreflightError
 
 SWEEP_FILE = "sweep.json"  # the resolved sweep, saved at start and compared on --resume
 CSV_COLUMNS = ("trial", "status", "steps", "planned_steps", "stopped_early", "final_val_bpb", "min_val_bpb", "run_dir")
@@ -144,6 +146,14 @@ def init_ray(sweep: Sweep) -> None:
     need = sweep.per_trial_resources()["CPU"] * (sweep.max_concurrent_trials or 1)
     # Logical CPUs may exceed cores: with fewer, concurrent trial drivers starve their workers (RAY_PRACTICE §8).
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
+
+
+def check_trial_inputs(sweep: Sweep, dry_run: bool) -> None:
+    """The trials' tokenizer, shards and data slots, checked by raychat.train's own preflight before any
+    trial starts (a sweep's trials are new runs: there is no checkpoint to resume)."""
+    from raychat.train import preflight
+
+    preflight(dataclasses.replace(sweep.base_config(), dry_run=dry_run).resolve_paths(), resume=False)
 
 
 def _vocab_size(sweep: Sweep) -> int:
@@ -406,8 +416,7 @@ def describe(sweep: Sweep, plan) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raychat.tune",
-                                description="Sweep raychat training hyperparameters with Ray Tune (ASHA on val bpb)")
+    p = cli_parser("raychat.tune", "Sweep raychat training hyperparameters with Ray Tune (ASHA on val bpb)")
     p.add_argument("sweep_file", help="a sweep YAML file, e.g. tune_configs/cpu_smoke.yaml (schema: docs/TUNE.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     p.add_argument("--dry-run", action="store_true", help="validate the file, print the resolved sweep, exit")
@@ -439,11 +448,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sweep = load_sweep(args.sweep_file, _overrides(args))
+        plan = check_plan(sweep, _vocab_size(sweep))
+        check_trial_inputs(sweep, dry_run=args.dry_run)
         if args.dry_run:
-            print(describe(sweep, check_plan(sweep, _vocab_size(sweep))))
+            print(describe(sweep, plan))
             return 0
         rows, command = run_sweep(sweep, resume=args.resume)
-    except SweepConfigError as e:
+    except (SweepConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(open(os.path.join(sweep.sweep_dir, "results.md")).read() if "://" not in sweep.sweep_dir else "")

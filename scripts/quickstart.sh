@@ -35,11 +35,21 @@ if [ -n "$DRY" ] || [ ! -f "$BASE/tokenizer/tokenizer.pkl" ]; then
     python -m scripts.tok_train --base-dir "$BASE" --data-dir "$BASE/base_data" \
         --vocab-size=4096 --max-chars=20000000 ${DRY:+"$DRY"}
 fi
-python -m raychat.train --base-dir "$BASE" --run-name "$RUN_NAME" \
-    --depth=4 --head-dim=64 --max-seq-len=256 --window-pattern=L \
-    --device-batch-size=8 --total-batch-size=4096 --num-workers=2 \
-    --num-iterations="$STEPS" --eval-every=100 --eval-tokens=65536 --save-every=100 \
-    --core-metric-every=-1 --sample-every="$STEPS" ${DRY:+"$DRY"}
-python -m raychat.eval --base-dir "$BASE" --run-name "$RUN_NAME" --eval=bpb,sample \
-    --split-tokens=65536 --device-batch-size=8 ${DRY:+"$DRY"}
+if [ -n "$DRY" ] && { [ ! -f "$BASE/base_data/val.parquet" ] || [ ! -f "$BASE/tokenizer/tokenizer.pkl" ]; }; then
+    # A training dry run checks the real shards and tokenizer, which only a real run of the steps above makes.
+    echo "quickstart: (dry run) training not checked: it needs the shards and tokenizer the steps above make"
+else
+    python -m raychat.train --base-dir "$BASE" --run-name "$RUN_NAME" \
+        --depth=4 --head-dim=64 --max-seq-len=256 --window-pattern=L \
+        --device-batch-size=8 --total-batch-size=4096 --num-workers=2 \
+        --num-iterations="$STEPS" --eval-every=100 --eval-tokens=65536 --save-every=100 \
+        --core-metric-every=-1 --sample-every="$STEPS" ${DRY:+"$DRY"}
+fi
+# The eval and export commands for this run name its base dir: the defaults (~/.cache/raychat) hold no such run.
+EVAL=(python -m raychat.eval --base-dir "$BASE" --run-name "$RUN_NAME" "--eval=bpb,sample" --split-tokens=65536 --device-batch-size=8)
+EXPORT=(python -m raychat.export --base-dir "$BASE" --run-name "$RUN_NAME" --to-nanochat "$BASE/nanochat/$RUN_NAME")
+"${EVAL[@]}" ${DRY:+"$DRY"}
+[ -n "$DRY" ] && { echo "quickstart: dry run done"; exit 0; }
 echo "quickstart: done. Report: $BASE/runs/$RUN_NAME/report.md"
+echo "Evaluate it again:       ${EVAL[*]}"
+echo "Export it for nanochat:  ${EXPORT[*]}"

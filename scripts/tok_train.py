@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from raychat.common import get_base_dir, run_cli
+from raychat.common import cli_parser, get_base_dir, run_cli
 from raychat.data.shards import default_data_dir, iter_texts, split_shards
 from raychat.tokenizer import Tokenizer, iter_cropped
 
@@ -23,7 +23,7 @@ ROUND_TRIP_TEXT = "Hello world! 12345 numbers,\n\ttabs   and spaces; Ünïcödé
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe) on the train shards")
+    p = cli_parser("scripts.tok_train", "Train the BPE tokenizer (rustbpe) on the train shards")
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     p.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size including the 9 special tokens")
@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    data_dir = args.data_dir or default_data_dir(args.base_dir)
-    out_dir = os.path.join(get_base_dir(args.base_dir), "tokenizer")
+    data_dir = args.data_dir or default_data_dir(args.base_dir, create=not args.dry_run)
+    out_dir = os.path.join(get_base_dir(args.base_dir, create=not args.dry_run), "tokenizer")
     print(f"max_chars={args.max_chars:,} doc_cap={args.doc_cap:,} vocab_size={args.vocab_size:,} "
           f"token_bytes_quirk={args.token_bytes_quirk}\ndata_dir={data_dir}\noutput={out_dir}", flush=True)
     if args.dry_run:

@@ -13,10 +13,13 @@ _TEST_ENV = {
     "OMP_NUM_THREADS": "1",
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: nothing to watch (raychat.train.init_ray)
 }
 for _k, _v in _TEST_ENV.items():
     os.environ.setdefault(_k, _v)
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="raytmp"))
+# Tests write only under tmp: the default base dir (~/.cache/raychat) is never touched, whatever is set.
+os.environ["RAYCHAT_BASE_DIR"] = tempfile.mkdtemp(prefix="raychat-base-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -114,6 +117,15 @@ def assert_same_run(run_dir, baseline_dir, step=STEPS):
         assert torch.equal(state[k], ref_state[k]), f"step {step}: {k} differs from the uninterrupted run"
     assert meta["history"]["train_loss"] == ref_meta["history"]["train_loss"]
     assert meta["history"]["val_bpb"] == ref_meta["history"]["val_bpb"]
+
+
+def flip_bytes(path, n=8):
+    """Bit rot: invert `n` bytes in the middle of a file, keeping its size (torch.load still succeeds)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(n)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
 
 
 def tree_hashes(root):

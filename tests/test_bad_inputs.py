@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import tree_hashes
+from conftest import flip_bytes, tree_hashes
 from raychat.train import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +113,20 @@ def _truncate(rel_fn):
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     return damage
+
+
+def _flip(rel_fn):
+    return lambda ws: flip_bytes(rel_fn(ws))
+
+
+def _ckpt_cli(kind, *extra):
+    """`python -m raychat.eval` or `raychat.export` on the workspace's run `ckpt`."""
+    def command(ws):
+        common = ["--run-name", "ckpt", "--storage-path", ws.runs, "--tokenizer-dir", ws.tok, *extra]
+        if kind == "eval":
+            return ("eval", [*common, "--eval", "bpb", "--data-dir", ws.data, "--out-dir", os.path.join(ws.root, "o")])
+        return ("export", [*common, "--to-nanochat", os.path.join(ws.root, "nc")])
+    return command
 
 
 def _empty_data_dir(ws):
@@ -235,14 +249,36 @@ ROWS = {
                                       ["token_bytes.pt is missing", "scripts.tok_train"]),
     # --- checkpoints ---
     "ckpt-other-model": (_train("--depth", "3"), ["from another model", "use the same model flags or a new --run-name"]),
-    "ckpt-other-world-size": (_train("--num-workers", "2", "--total-batch-size", "512"),
-                              ["written by 1 workers but this run has 2", "rerun with --num-workers 1"]),
+    "ckpt-other-data-slots": (_train("--device-batch-size", "2"),
+                              ["read 2 micro-batches (data slots) per step, this run 4",
+                               "keep --total-batch-size, --device-batch-size and --max-seq-len"]),
     "ckpt-resume-step-missing": (_train("--resume-from-step", "7"), ["--resume-from-step 7", "found steps [1, 2]"]),
     "ckpt-resume-step-truncated": (_then(_truncate(lambda ws: os.path.join(ws.step(1), "optim_rank0.pt")),
                                          _train("--resume-from-step", "1")),
                                    ["optim_rank0.pt has", "pick another step"]),
     "ckpt-reader-truncated": (_then(_truncate(lambda ws: os.path.join(ws.step(2), "model.pt")), _load_rank_files(2)),
                               ["is incomplete", "were written: truncated"]),
+    "ckpt-resume-step-corrupt": (_then(_flip(lambda ws: os.path.join(ws.step(1), "optim_rank0.pt")),
+                                       _train("--resume-from-step", "1")),
+                                 ["optim_rank0.pt does not match its checksum", "pick another step"]),
+    "ckpt-reader-corrupt": (_then(_flip(lambda ws: os.path.join(ws.step(2), "model.pt")), _load_rank_files(2)),
+                            ["model.pt does not match its checksum", "corrupt"]),
+    "ckpt-eval-step-corrupt": (_then(_flip(lambda ws: os.path.join(ws.step(2), "model.pt")),
+                                     _ckpt_cli("eval", "--step", "2")),
+                               ["model.pt does not match its checksum", "pick another step"]),
+    "ckpt-export-step-corrupt": (_then(_flip(lambda ws: os.path.join(ws.step(2), "model.pt")),
+                                       _ckpt_cli("export", "--step", "2")),
+                                 ["model.pt does not match its checksum", "pick another step"]),
+    "ckpt-changed-settings": (_train("--matrix-lr", "0.05", "--num-iterations", "3"),
+                              ["--num-iterations 2 -> 3, --matrix-lr 0.02 -> 0.05",
+                               "--allow-changed num_iterations,matrix_lr"]),
+    "ckpt-changed-settings-partly-allowed": (_train("--matrix-lr", "0.05", "--num-iterations", "3",
+                                                    "--allow-changed", "num-iterations"),
+                                             ["with other settings than it was trained with: --matrix-lr 0.02 -> 0.05;",
+                                              "--allow-changed matrix_lr"]),
+    "train-allow-changed-not-trajectory": (_train("--allow-changed", "eval_every"),
+                                           ["--allow-changed='eval_every'",
+                                            "not a setting that defines a run's trajectory"]),
     "ckpt-nanochat-dir-without-model": (_nanochat_dir, ["no nanochat checkpoint (model_XXXXXX.pt)", "nanochat_empty"]),
     # --- sweep YAML: python -m raychat.tune ---
     "sweep-not-yaml": (_sweep(text="train: [unclosed\n"), ["sweep.yaml: not valid YAML", "expected ',' or ']'"]),
@@ -275,6 +311,10 @@ def run_command(command, capsys):
         from raychat.data.__main__ import main as fn
     elif kind == "tune":
         from raychat.tune import main as fn
+    elif kind == "eval":
+        from raychat.eval import main as fn
+    elif kind == "export":
+        from raychat.export import main as fn
     else:
         from scripts.tok_train import main as fn
     try:

@@ -73,10 +73,30 @@ def test_validation_is_live_a_misspelt_key_is_rejected(name):
         validate_config(prepare_config(config))
 
 
-def _gpu_type(config):
-    gpu = [k for k, v in config["available_node_types"].items() if v["resources"].get("GPU")]
-    assert len(gpu) == 1, f"expected one GPU node type, found {gpu}"
+def _gpu_type(config, spot=False):
+    """The on-demand GPU node type, or (spot=True) the spot/preemptible one for elastic runs."""
+    gpu = [k for k, v in config["available_node_types"].items()
+           if v["resources"].get("GPU") and ("spot" in v["resources"]) == spot]
+    assert len(gpu) == 1, f"expected one {'spot' if spot else 'on-demand'} GPU node type, found {gpu}"
     return config["available_node_types"][gpu[0]]
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_spot_gpu_node_type_for_elastic_runs(name):
+    """The spot type is the on-demand node (one YAML anchor) bought as spot, marked with a `spot` resource."""
+    config = _load(name)
+    spot, on_demand = _gpu_type(config, spot=True), _gpu_type(config)
+    assert spot["resources"] == {**on_demand["resources"], "spot": on_demand["resources"]["GPU"]}
+    assert spot.get("min_workers", 0) == 0 and spot["max_workers"] >= 1
+    assert config["max_workers"] >= spot["max_workers"] + on_demand["max_workers"]
+    node = spot["node_config"]
+    if name == "cluster.yaml":
+        assert node["InstanceMarketOptions"]["MarketType"] == "spot"
+        assert node["NetworkInterfaces"] == on_demand["node_config"]["NetworkInterfaces"]
+    else:
+        assert node["scheduling"]["provisioningModel"] == "SPOT"
+        assert node["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    assert "Elastic runs on spot nodes" in _read("docs/CLUSTER.md")
 
 
 @pytest.mark.parametrize("name", LAUNCHER_FILES)
@@ -344,13 +364,26 @@ def _documented_commands():
 _COMMANDS, _REFUSALS, _MENTIONS_SEEN = _documented_commands()
 
 # Runs `python -m MODULE ARGS --dry-run` for each command inside ONE interpreter (runpy, as `-m` does),
-# so the suite pays torch/Ray imports once instead of once per command. Each command gets its own empty
-# RAYCHAT_BASE_DIR and its own captured output; the exit code is what `python -m` would return.
+# so the suite pays torch/Ray imports once instead of once per command. A dry run is the real launch's
+# preflight (tokenizer, shards, data slots), so each command runs in its own copy of a sandbox holding
+# tinyshakespeare shards and tokenizer: the sandbox is its working directory (relative paths such as the
+# quickstart's `--base-dir example` land there) and its RAYCHAT_BASE_DIR, and the placeholder storage the
+# docs name (a bucket, /data) is mapped onto folders in it, so nothing touches the network or the checkout.
+# The exit code is what `python -m` would return.
+_PLACEHOLDERS = {"s3://my-bucket": "bucket", "s3://CHANGE_ME_BUCKET": "bucket", "s3://B": "bucket", "/data": "data"}
+
 _RUNNER = r"""
-import contextlib, io, json, os, runpy, sys, tempfile, traceback
+import contextlib, io, json, os, re, runpy, shutil, sys, tempfile, traceback
+job = json.load(sys.stdin)
+sys.path.insert(0, job["root"])  # `python -m scripts.tok_train` from the checkout, as in the docs
+pattern = re.compile(r"(?<![\w/])(" + "|".join(map(re.escape, job["placeholders"])) + r")(?=/|$)")
 results = {}
-for cmd, argv in json.load(sys.stdin).items():
-    os.environ["RAYCHAT_BASE_DIR"] = tempfile.mkdtemp(prefix="raychat-dry-")
+for cmd, argv in job["commands"].items():
+    sandbox = tempfile.mkdtemp(prefix="raychat-dry-")
+    shutil.copytree(job["sandbox"], sandbox, symlinks=True, dirs_exist_ok=True)
+    os.chdir(sandbox)
+    os.environ["RAYCHAT_BASE_DIR"] = os.path.join(sandbox, "home")
+    argv = [pattern.sub(lambda m: os.path.join(sandbox, job["placeholders"][m[1]]), a) for a in argv]
     out, err = io.StringIO(), io.StringIO()
     sys.argv = [argv[0]] + argv[1:] + ["--dry-run"]
     code = 0
@@ -371,11 +404,25 @@ def _module_exists(module):
     return importlib.util.find_spec(module.split(".")[0]) is not None and importlib.util.find_spec(module) is not None
 
 
+def _dry_run_sandbox(root, data_dir, tok_dir):
+    """The template each command's sandbox is copied from: base dirs `home/` (RAYCHAT_BASE_DIR) and
+    `example/` (the scripts' $BASE) with shards + tokenizer, the bucket's `raychat/` layout, `data/` shards,
+    and the checkout's tune_configs (linked: the docs name them relative to the repository root)."""
+    for base in ("home", "example", os.path.join("bucket", "raychat")):
+        shutil.copytree(data_dir, os.path.join(root, base, "base_data"))
+        shutil.copytree(tok_dir, os.path.join(root, base, "tokenizer"))
+    shutil.copytree(data_dir, os.path.join(root, "data"))
+    os.symlink(os.path.join(ROOT, "tune_configs"), os.path.join(root, "tune_configs"))
+    return root
+
+
 @pytest.fixture(scope="module")
-def dry_run_results():
+def dry_run_results(tiny_data_dir, tiny_tokenizer_dir, tmp_path_factory):
+    sandbox = _dry_run_sandbox(str(tmp_path_factory.mktemp("dry_run_sandbox")), tiny_data_dir, tiny_tokenizer_dir)
     runnable = {c: shlex.split(c)[2:] for c in {**_COMMANDS, **_REFUSALS} if _module_exists(shlex.split(c)[2])}
+    job = {"commands": runnable, "sandbox": sandbox, "root": ROOT, "placeholders": _PLACEHOLDERS}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(runnable), cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(job), cwd=sandbox, env=env,
                        capture_output=True, text=True, timeout=300)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULTS=")]
     assert line, f"the dry-run runner crashed:\n{r.stderr[-3000:]}"
@@ -394,8 +441,9 @@ def test_documented_command_parses_with_dry_run(command, dry_run_results):
         pytest.skip(f"{module} does not exist yet (documented in {_COMMANDS[command]})")
     code, out, err = dry_run_results[command]
     assert code == 0, (f"`{command} --dry-run` (from {_COMMANDS[command]}) exited {code}; every CLI's --dry-run "
-                       f"must parse and validate the flags and exit 0 without touching data, storage or the "
-                       f"network:\n{err}{out}")
+                       f"must pass the launch's checks on real (tiny) data, without starting anything:\n{err}{out}")
+    if module == "raychat.train":  # the whole preflight ran, on the sandbox's shards and tokenizer
+        assert "Dry run: flags, tokenizer, shards" in out, out
 
 
 def test_every_listed_mention_is_still_in_the_docs():

@@ -19,9 +19,9 @@ SEED_FLAGS = {
     "save_every": -1, "model_tag": None,
 }
 RAYCHAT_FLAGS = {
-    "num_workers": 1, "use_gpu": "auto", "cpus_per_worker": 1.0, "storage_path": None, "run_name": None,
+    "num_workers": 1, "use_gpu": "auto", "cpus_per_worker": 0.0, "storage_path": None, "run_name": None,
     "max_failures": 3, "keep_checkpoints": None, "base_dir": None, "data_dir": None, "tokenizer_dir": None,
-    "data_backend": "ray", "data_actors": 1, "init_from_nanochat": None, "nan_policy": "stop", "profile": False,
+    "data_backend": "ray", "data_actors": 1, "init_from_nanochat": None, "nan_policy": "stop", "compile": "auto", "ortho_dtype": "auto", "allow_changed": "", "profile": False,
     "dry_run": False, "debug_fail_at_step": -1, "debug_fail_kind": "exit", "debug_fail_rank": 0,
 }
 

@@ -1,6 +1,7 @@
 """nanochat interchange and the evaluation CLI, on the checkpoints of the shared baseline run."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -53,6 +54,33 @@ def test_eval_cli_errors_name_the_problem(storage, tiny_tokenizer_dir, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     assert eval_main(["--run-name", "baseline", "--eval", "bpb,perplexity", "--storage-path", storage]) == 2
     assert "perplexity" in capsys.readouterr().err
+
+
+def test_eval_and_export_skip_a_corrupt_newest_checkpoint(baseline, tiny_data_dir, tiny_tokenizer_dir, tmp_path,
+                                                         capsys):
+    """8 bytes flipped in the newest model.pt (same size, torch.load reads it): eval and export warn naming the
+    file and use step 12, on 2 Ray Train workers for the eval; asked for that step explicitly, both refuse."""
+    from conftest import flip_bytes
+
+    storage = str(tmp_path / "runs")
+    for step in (12, STEPS):
+        name = ckpt_files.step_dir_name(step)
+        shutil.copytree(os.path.join(baseline, name), os.path.join(storage, "rot", name))
+    flip_bytes(os.path.join(storage, "rot", ckpt_files.step_dir_name(STEPS), "model.pt"))
+    warning = f"{ckpt_files.step_dir_name(STEPS)}/model.pt does not match its checksum"
+    common = ["--run-name", "rot", "--storage-path", storage, "--tokenizer-dir", tiny_tokenizer_dir]
+    evals = [*common, "--eval", "bpb", "--data-dir", tiny_data_dir, "--split-tokens", "1024",
+             "--device-batch-size", "4", "--num-workers", "2", "--out-dir", str(tmp_path / "e")]
+    assert eval_main(evals) == 0
+    assert warning in capsys.readouterr().err
+    assert json.load(open(tmp_path / "e" / "eval.json"))["step"] == 12
+    assert export_main([*common, "--to-nanochat", str(tmp_path / "nc")]) == 0
+    assert warning in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "nc" / "model_000012.pt")
+    assert eval_main([*evals, "--step", str(STEPS)]) == 2
+    assert warning in capsys.readouterr().err
+    assert export_main([*common, "--step", str(STEPS), "--to-nanochat", str(tmp_path / "nc2")]) == 2
+    assert warning in capsys.readouterr().err and not os.path.exists(tmp_path / "nc2")
 
 
 def test_train_from_nanochat_checkpoint(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):

@@ -199,10 +199,19 @@ def test_bf16_ortho_agrees_with_fp32():
         assert cosine > 0.995, cosine
 
 
-def test_default_ortho_dtype_is_bf16_on_cuda_only():
+def test_default_ortho_dtype_is_bf16_where_bf16_is_native(monkeypatch):
+    from raychat import optim
+
     assert default_ortho_dtype("cuda") == torch.bfloat16  # the reference's bf16 Polar Express
     assert default_ortho_dtype("mps") == torch.float32
-    assert default_ortho_dtype("cpu") == torch.float32  # CPU: fp32 unless asked, whatever the CPU supports
+    for flags, expected in (({"avx512f", "avx512bw", "avx2"}, torch.float32),  # bf16 emulated: fp32
+                            ({"avx512f", "avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"}, torch.bfloat16),
+                            ({"fp", "asimd", "bf16"}, torch.bfloat16), (set(), torch.float32)):
+        monkeypatch.setattr(optim, "_cpu_flags", lambda flags=flags: flags)
+        optim.cpu_has_native_bf16.cache_clear()
+        assert default_ortho_dtype("cpu") == expected, flags
+    monkeypatch.undo()
+    optim.cpu_has_native_bf16.cache_clear()
 
 
 def test_state_dict_round_trip_single_process():
@@ -304,11 +313,15 @@ def _dist_worker(rank, world_size, out_dir, steps, split):
     opt2.load_state_dict(through_disk(shard))
     run(opt, params, range(split, steps))
     run(opt2, _flat(ps2), range(split, steps))
-    bad = wrong_world = None
-    try:
-        DistMuonAdamW([adamw_group([torch.nn.Parameter(torch.randn(33, 32))])])
-    except ValueError as e:
-        bad = str(e)
+    wrong_world = None
+    # 33 rows over 2 ranks (an elastic run's odd split): rank 0 owns rows 0-16, rank 1 rows 17-32, zero-padded
+    # in the collectives. The same gradient on both ranks, so the average is that gradient exactly.
+    odd = torch.nn.Parameter(torch.randn(33, 32, generator=torch.Generator().manual_seed(5)))
+    odd_opt = DistMuonAdamW([adamw_group([odd], wd=0.1)])
+    for s in range(2):
+        odd.grad = torch.randn(33, 32, generator=torch.Generator().manual_seed(50 + s))
+        odd_opt.step()
+    bad = {"param": odd.detach().clone(), "rows": odd_opt.state[odd]["exp_avg"].shape[0]}
     try:  # a W=2 shard into a single-process optimizer: the shapes name the mismatch
         MuonAdamW(_dist_groups(_dist_params())).load_state_dict(through_disk(shard))
     except ValueError as e:
@@ -370,10 +383,15 @@ def test_dist_state_is_sharded_and_reloads(dist_results):
     assert not torch.equal(ranks[0]["shard"]["state"][2]["exp_avg"], ranks[1]["shard"]["state"][2]["exp_avg"])
 
 
-def test_dist_rejects_unshardable_adamw_param(dist_results):
+def test_dist_shards_uneven_adamw_rows(dist_results):
     ranks, _, _ = dist_results
+    odd = torch.nn.Parameter(torch.randn(33, 32, generator=torch.Generator().manual_seed(5)))
+    single = MuonAdamW([adamw_group([odd], wd=0.1)])
+    for s in range(2):
+        odd.grad = torch.randn(33, 32, generator=torch.Generator().manual_seed(50 + s))
+        single.step()
+    assert [r["bad"]["rows"] for r in ranks] == [17, 16]
     for r in ranks:
-        assert r["bad"] is not None
-        assert "(33, 32)" in r["bad"] and "shape[0] % world_size == 0" in r["bad"]
+        assert torch.equal(r["bad"]["param"], odd.detach())  # elementwise update: padding changes nothing
         assert r["wrong_world"] is not None and "world size (1)" in r["wrong_world"]
         assert "(32, 32), expected (64, 32)" in r["wrong_world"]

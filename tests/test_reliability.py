@@ -319,3 +319,96 @@ def test_nan_loss_skipped_with_the_flag(baseline, tiny_data_dir, tiny_tokenizer_
     assert any(not torch.equal(state[k], ref[k]) for k in ref), "step 10's update was not skipped"
     losses = [v for _, v in meta["history"]["train_loss"]]
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Bit rot in a checkpoint: same size, wrong bytes (checksums in the done files)
+
+
+def test_corrupt_latest_checkpoint_is_skipped(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, capfd):
+    """8 bytes flipped in the middle of the newest checkpoint's optim_rank0.pt (the size is unchanged and
+    torch.load would read it): a rerun warns naming the file, resumes from the previous checkpoint and ends
+    bit-identical."""
+    from conftest import flip_bytes
+
+    run = os.path.join(storage, "bitrot")
+    os.makedirs(run)
+    for step in (4, 8):
+        name = ckpt_files.step_dir_name(step)
+        shutil.copytree(os.path.join(baseline, name), os.path.join(run, name))
+    flip_bytes(os.path.join(run, "step_000008", "optim_rank0.pt"))
+    torch.load(os.path.join(run, "step_000008", "optim_rank0.pt"), weights_only=True)  # still loads: silent rot
+    assert main(fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "bitrot")) == 0
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "skipping incomplete checkpoint" in text
+    assert "step_000008/optim_rank0.pt does not match its checksum" in text
+    assert "Resuming from step 4" in text
+    assert_same_run(run, baseline)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. A rerun with other settings: refused, unless --allow-changed names them (then recorded)
+
+
+def test_changed_settings_refused_unless_allowed_then_recorded(baseline, tiny_data_dir, tiny_tokenizer_dir, storage,
+                                                                capsys):
+    """The finished 16-step run rerun with --matrix-lr 0.05 --num-iterations 20: refused (exit 2, both changes
+    named, nothing written); with --allow-changed it trains on to step 20 and the change, with the step it took
+    effect, is in meta.json and report.md."""
+    run = os.path.join(storage, "changed")
+    shutil.copytree(os.path.join(baseline, ckpt_files.step_dir_name(STEPS)),
+                    os.path.join(run, ckpt_files.step_dir_name(STEPS)))
+    common = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "changed") + ["--matrix-lr", "0.05"]
+    common[common.index("--num-iterations") + 1] = "20"
+    before = tree_hashes(run)
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert f"--num-iterations {STEPS} -> 20, --matrix-lr 0.02 -> 0.05" in err, err
+    assert "--allow-changed num_iterations,matrix_lr" in err
+    assert tree_hashes(run) == before
+    assert main(common + ["--allow-changed", "num_iterations,matrix_lr"]) == 0
+    _, meta = load_step(run, 20)
+    assert meta["setting_changes"] == [{"step": STEPS, "changed": {"num_iterations": [STEPS, 20],
+                                                                   "matrix_lr": [0.02, 0.05]}}]
+    assert meta["user_config"]["matrix_lr"] == 0.05
+    report = open(os.path.join(run, "report.md")).read()
+    assert f"step {STEPS}: --num-iterations {STEPS} -> 20, --matrix-lr 0.02 -> 0.05" in report
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. The storage fills up: one clear error, no restart loop, the older checkpoints intact
+
+
+def _mount_tmpfs(path, size_bytes):
+    os.makedirs(path, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024}k", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+
+
+def test_full_storage_stops_with_one_clear_error(baseline, tiny_data_dir, tiny_tokenizer_dir, tmp_path, capfd):
+    """Storage on a real tmpfs with room for two checkpoints and a half: the step-12 save fails with ENOSPC.
+    The run stops at once (exit 1, no automatic restart although --max-failures 3) with one error naming the
+    storage path, what the checkpoint needed and what is free; steps 4 and 8 stay complete, and no step_000012
+    directory is left behind."""
+    step_bytes = sum(os.path.getsize(os.path.join(baseline, "step_000004", f))
+                     for f in os.listdir(os.path.join(baseline, "step_000004")))
+    mnt = tmp_path / "small"
+    _mount_tmpfs(mnt, int(2.5 * step_bytes))
+    try:
+        rc = main(fault_args(tiny_data_dir, tiny_tokenizer_dir, str(mnt), "full", "--max-failures", "3"))
+        out = capfd.readouterr()
+        text = out.out + out.err
+        run = os.path.join(mnt, "full")
+        assert rc == 1, text[-3000:]
+        assert f"error: training stopped: the checkpoint of step 12 could not be saved to {run}: " \
+               "No space left on device; it needs" in out.err, out.err[-3000:]
+        assert "MiB are free there" in out.err and "the older checkpoints are intact" in out.err
+        assert "Resuming from step" not in text and "training failed after" not in text
+        assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8]
+        for step in (4, 8):
+            assert_same_run(run, baseline, step)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

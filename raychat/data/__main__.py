@@ -7,15 +7,15 @@
 import argparse
 import sys
 
-from raychat.common import run_cli
+from raychat.common import HelpFormatter, cli_parser, run_cli
 from raychat.data import shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raychat.data", description=__doc__.splitlines()[0])
+    p = cli_parser("raychat.data", __doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("download", help="download FineWeb-Edu shards (always includes the val shard)")
+    d = sub.add_parser("download", formatter_class=HelpFormatter, help="download FineWeb-Edu shards (always includes the val shard)")
     d.add_argument("-n", "--num-shards", type=int, default=-1,
                    help=f"download shards 0..N-1 plus the val shard {shards.VAL_SHARD_INDEX} "
                         f"(-1 = all {shards.NUM_SHARDS})")
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--base-dir", default=None, help="base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)")
     d.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
 
-    r = sub.add_parser("prepare", help="turn local .txt/.jsonl/.parquet (or 'stdlib') into shards + val.parquet")
+    r = sub.add_parser("prepare", formatter_class=HelpFormatter, help="turn local .txt/.jsonl/.parquet (or 'stdlib') into shards + val.parquet")
     r.add_argument("--from", dest="source", required=True,
                    help="a .txt/.jsonl/.parquet file, a folder of them (recursive), or 'stdlib'")
     r.add_argument("--out", default=None, help="output directory or URI (default <base>/base_data)")
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "download":
-        data_dir = args.data_dir or shards.default_data_dir(args.base_dir)
+        data_dir = args.data_dir or shards.default_data_dir(args.base_dir, create=not args.dry_run)
         indices = shards.download_indices(args.num_shards)
         print(f"download {len(indices)} shards ({indices[0]}..{indices[-2] if len(indices) > 1 else indices[0]} "
               f"+ val {shards.VAL_SHARD_INDEX}) with {args.workers} workers\nfrom {args.base_url}\nto {data_dir}",
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         summary = shards.download(args.num_shards, workers=args.workers, data_dir=data_dir, base_url=args.base_url)
         return 1 if summary.failed else 0
 
-    out = args.out or shards.default_data_dir(args.base_dir)
+    out = args.out or shards.default_data_dir(args.base_dir, create=not args.dry_run)
     print(f"prepare from {args.source} to {out}: rows_per_group={args.rows_per_group} "
           f"shard_chars={args.shard_chars:,} val_fraction={args.val_fraction} txt_docs={args.txt_docs} "
           f"overwrite={args.overwrite}", flush=True)

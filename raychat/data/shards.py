@@ -51,9 +51,9 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
 
-def default_data_dir(base_dir: str | None = None) -> str:
-    """`<base>/base_data`, the reference's layout (spec §0)."""
-    base = get_base_dir(base_dir)
+def default_data_dir(base_dir: str | None = None, create: bool = True) -> str:
+    """`<base>/base_data`, the reference's layout (spec §0); `create=False` (a dry run) makes no directory."""
+    base = get_base_dir(base_dir, create=create)
     return f"{base.rstrip('/')}/{DATA_SUBDIR}" if "://" in base else os.path.join(base, DATA_SUBDIR)
 
 

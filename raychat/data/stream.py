@@ -240,7 +240,14 @@ class SlotDocuments:
             ds = ds.map_batches(_TokenizeRowGroups, batch_size=1, batch_format="pyarrow",
                                 fn_constructor_args=(self.tokenizer_dir, actor_threads),
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.actors),
-                                num_cpus=self.actor_num_cpus)
+                                num_cpus=self.actor_num_cpus,
+                                # No actor restarts or task retries inside Ray Data: a lost or crashing
+                                # tokenizer fails the training worker, and Ray Train's restart (bounded by
+                                # --max-failures) resumes the stream exactly from the checkpoint. Ray Data's
+                                # default (restart forever) would retry a deterministic crash without end, and
+                                # prints an error per pool at start (ray#53727: its arguments live in the
+                                # object store).
+                                max_restarts=0)
             for table in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=self.prefetch):
                 tokens_col, offsets_col = table.column("tokens"), table.column("offsets")
                 for i, k in enumerate(table.column("item").to_pylist()):
