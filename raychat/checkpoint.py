@@ -159,8 +159,8 @@ class BackgroundWriter:
                     with torch.cuda.stream(stream):
                         snapshot = stage()
                     stream.synchronize()
-            finally:
                 timings["staged"] = time.perf_counter() - t0
+            finally:
                 staged.set()
             optim, data, model, meta_ = snapshot
             timings["bytes"] = save_rank_files(directory, rank, optim, data, model_state=model, meta=meta_)
@@ -196,9 +196,11 @@ class BackgroundWriter:
         self._thread.start()
 
     def wait_staged(self) -> None:
-        """Block until the state is copied (the live tensors may change after this); raise a staging error."""
+        """Block until the state is copied (the live tensors may change after this); raise a staging error.
+        An error while writing or persisting the files is left for `wait()` (the loop decides what it means)."""
         self._staged.wait()
-        self._raise()
+        if "staged" not in self.timings:
+            self._raise()
 
     def done(self) -> bool:
         return self._thread is None or not self._thread.is_alive()

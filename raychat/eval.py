@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--num-workers {args.num_workers}: must be at least 1")
     if (args.device_batch_size is not None and args.device_batch_size < 1) or args.split_tokens < 1:
         raise ValueError("--device-batch-size and --split-tokens must be positive")
-    base = get_base_dir(args.base_dir) if not args.dry_run else (args.base_dir or "<base>")
+    base = get_base_dir(args.base_dir, create=False) if not args.dry_run else (args.base_dir or "<base>")
     args.base_dir = base
     args.data_dir = args.data_dir or os.path.join(base, "base_data")
     args.tokenizer_dir = args.tokenizer_dir or os.path.join(base, "tokenizer")
@@ -160,10 +160,12 @@ def evaluate(args, session) -> dict:
         token_bytes = torch.load(os.path.join(args.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device, weights_only=True)
         # The batches are laid out as the training run's evaluations laid them out (its device batch size,
         # one stream per training rank: which documents a batch packs depends on both), so a raychat
-        # checkpoint's val bpb here equals the one its run logged at that step for the same token count.
+        # checkpoint's val bpb here equals the one its run logged at that step for the same token count. A
+        # checkpoint exported to nanochat keeps the run's flags (user_config), a nanochat one has neither.
         B = args.device_batch_size or meta.get("device_batch_size") or 32
         T = meta["model_config"]["sequence_len"]
-        streams = meta.get("world_size") or world
+        trained_workers = meta.get("user_config", {}).get("num_workers")
+        streams = meta.get("world_size") or (trained_workers if isinstance(trained_workers, int) else world)
         steps = args.split_tokens // (B * T * streams)
         if steps < 1:
             raise ValueError(f"--split-tokens {args.split_tokens} is less than one batch of {B}x{T}x{streams} tokens")

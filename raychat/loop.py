@@ -167,7 +167,13 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         torch.cuda.manual_seed(42)
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    get_max_memory = torch.cuda.max_memory_allocated if device_type == "cuda" else (lambda: 0)
+    if device_type == "cuda":
+        get_max_memory = torch.cuda.max_memory_allocated
+    else:  # no allocator statistics: the process's peak resident set (ru_maxrss: KiB on Linux, bytes on macOS)
+        import resource
+
+        rss_unit = 1 if os.uname().sysname == "Darwin" else 1024
+        get_max_memory = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit  # noqa: E731
     peak_flops = get_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else float("inf")
     if device_type == "cuda":
         log(f"GPU: {torch.cuda.get_device_name(device)} | Peak FLOPS (BF16): {peak_flops:.2e}")
@@ -508,13 +514,13 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         st.close()
     gc.enable()
     peak_mem_mib = get_max_memory() / 1024 / 1024
-    log(f"Peak memory usage: {peak_mem_mib:.2f}MiB")
+    log(f"Peak memory usage{'' if device_type == 'cuda' else ' (host RSS)'}: {peak_mem_mib:.2f}MiB")
     log(f"Total training time: {total_training_time / 60:.2f}m")
     if val_bpb is not None:
         log(f"Minimum validation bpb: {min_val_bpb:.6f}")
     summary = {
         "step": step, "num_iterations": N, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
-        "core_metric": core_metric, "mfu": mfu, "total_training_time": total_training_time,
+        "core_metric": core_metric, "mfu": mfu, "device_type": device_type, "total_training_time": total_training_time,
         "total_training_flops": flops_per_step * step, "peak_memory_mib": peak_mem_mib, "stopped": stopped_reason,
         "resizes": resizes, "setting_changes": setting_changes,
     }

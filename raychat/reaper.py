@@ -1,4 +1,4 @@
-"""The embedded local Ray dies with its driver, whatever kills the driver (`python -m raychat.reaper`).
+"""The embedded local Ray dies with its driver, whatever kills the driver (`python raychat/reaper.py PID`).
 
 Ray fate-shares only its GCS and raylet with the driver that started them (PR_SET_PDEATHSIG); after a
 `kill -9` of the driver, the raylet's children live on under PID 1: the training workers keep training and

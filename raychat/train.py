@@ -182,8 +182,38 @@ def init_ray(cfg: TrainConfig):
     # One machine has no other node to lose: Ray Train's preemption watcher would watch nothing, and its
     # actor logs an error at every start (its arguments live in the object store, ray#53727).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    _start_reaper()
+    # Ray Train's placement-group cleaner and the state API find "the" local Ray by scanning this machine's
+    # processes (ray.dashboard.utils.get_address_for_submission_client) and fail at every start when another
+    # Ray runs here ("Found multiple active Ray instances"). Point them at this Ray's own dashboard, through
+    # the environment that every process of this Ray inherits from the driver.
+    port = _free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1")
+             dashboard_host="127.0.0.1", dashboard_port=port)
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_REAPER_PIPE = []  # the write end, open for this process's lifetime: its closing tells the reaper
+
+
+def _start_reaper() -> None:
+    """The embedded Ray's processes die with this driver, even under kill -9 (raychat/reaper.py)."""
+    import subprocess
+
+    from raychat import reaper
+
+    read, write = os.pipe()  # not inherited by Ray's processes (O_CLOEXEC), so only this process holds `write`
+    subprocess.Popen([sys.executable, reaper.__file__, str(os.getpid())], stdin=read)  # stdlib only: no imports
+    os.close(read)
+    _REAPER_PIPE.append(write)
 
 
 def resolve_device(cfg: TrainConfig) -> TrainConfig:
@@ -226,6 +256,7 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raychat.loop import train_loop_per_worker
+    from raychat.rendezvous import LoopbackTorchConfig
 
     use_gpu = cfg.use_gpu == "true"
     resources = {"CPU": cfg.cpus_per_worker or 1.0, **({"GPU": 1} if use_gpu else {})}  # 0 = auto: main resolves it
@@ -255,7 +286,8 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": env}, **(run_config_extra or {})),
         # A hung collective should fail (and be retried) in minutes, not the default 30 (RAY_PRACTICE §1).
-        torch_config=TorchConfig(timeout_s=600),
+        # A local Ray (no RAY_ADDRESS) is this machine only: its rendezvous listens on 127.0.0.1.
+        torch_config=(TorchConfig if os.environ.get("RAY_ADDRESS") else LoopbackTorchConfig)(timeout_s=600),
     )
 
 
@@ -290,6 +322,11 @@ def main(argv=None) -> int:
     read_stop(cfg, remove=True)  # a rerun continues the run: an earlier stop no longer applies
     try:
         build_trainer(cfg).fit()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train's own SIGINT handler aborts the worker group and exits through SystemExit(0).
+        print(f"error: interrupted; the checkpoints written so far are kept: rerun the same command (--run-name "
+              f"{cfg.run_name}) to resume.", file=sys.stderr)
+        return 130
     except TrainingFailedError as e:
         print(f"error: training failed after {cfg.max_failures} automatic restart(s): {e}\n"
               f"Checkpoints are kept: rerun the same command (--run-name {cfg.run_name}) to resume.", file=sys.stderr)

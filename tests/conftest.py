@@ -28,6 +28,21 @@ from raychat import checkpoint as ckpt_files  # noqa: E402
 
 torch.set_num_threads(1)
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What pytest itself may add to the checkout's top level (its cache, bytecode).
+_PYTEST_OWN = {".pytest_cache", "__pycache__"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_checkout():
+    """Tests write only under tmp: the checkout's top level gains no entry during the session (a test that
+    ran a documented command in the repository once left an empty `example/` there)."""
+    before = set(os.listdir(REPO_ROOT))
+    yield
+    new = set(os.listdir(REPO_ROOT)) - before - _PYTEST_OWN
+    assert not new, f"the tests wrote {sorted(new)} into the checkout {REPO_ROOT}; tests must write only under tmp"
+
+
 # tinyshakespeare (public domain; 1.1 MB, shipped gzipped) is the test corpus: every test runs on a clone.
 SHAKESPEARE_GZ = os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt.gz")
 

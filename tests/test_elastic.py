@@ -373,7 +373,7 @@ def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_l
 
     from test_reliability import REPO, _reap_ray, _subprocess_env
 
-    steps, every = 1200, 20  # long enough that 1 worker is still training when the grown group starts
+    steps, every = 800, 20  # long enough that 1 worker is still training when the grown group starts
     ray_tmp = tempfile.mkdtemp(prefix="re", dir="/tmp")
     env = dict(_subprocess_env(ray_tmp), RAYCHAT_RESIZE_CHECK_S="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
     args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "rayelastic", "--num-workers", "1:2",

@@ -51,7 +51,7 @@ def test_eval_cli_scores_raychat_and_nanochat_checkpoints_alike(baseline, tiny_d
 
 def test_eval_cli_errors_name_the_problem(storage, tiny_tokenizer_dir, capsys):
     assert eval_main(["--run-name", "no-such-run", "--storage-path", storage]) == 2
-    assert "no complete checkpoint" in capsys.readouterr().err
+    assert "no run named no-such-run" in capsys.readouterr().err
     assert eval_main(["--run-name", "baseline", "--eval", "bpb,perplexity", "--storage-path", storage]) == 2
     assert "perplexity" in capsys.readouterr().err
 

@@ -412,3 +412,133 @@ def test_full_storage_stops_with_one_clear_error(baseline, tiny_data_dir, tiny_t
             assert_same_run(run, baseline, step)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Ctrl-C and kill -9 of the driver: the embedded Ray and its workers end with it
+
+
+def _start_long_driver(data_dir, tok_dir, storage, name, tmp_path, ray_tmp):
+    """`python -m raychat.train` (its own embedded Ray) of a 400-step run, once its step-4 checkpoint is
+    complete: (process, log path)."""
+    args = fault_args(data_dir, tok_dir, storage, name)
+    args[args.index("--num-iterations") + 1] = "400"
+    log_path = tmp_path / f"{name}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "raychat.train", *args], cwd=REPO, env=_subprocess_env(ray_tmp),
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    first, deadline = os.path.join(storage, name, "step_000004"), time.time() + 300
+    while not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
+        assert proc.poll() is None, f"the run ended early:\n{log_path.read_text()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    return proc, log_path
+
+
+def _start_times(pids):
+    """{pid: start time} of the processes still running among `pids`."""
+    found = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                found[pid] = f.read().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            pass
+    return found
+
+
+def _survivors(started):
+    return [pid for pid, t in _start_times(started).items() if started[pid] == t]
+
+
+def _complete_steps(run):
+    return {s for s, p in ckpt_files.list_step_dirs(run) if ckpt_files.check_complete(p) is None}
+
+
+def test_driver_sigkill_ends_its_ray_and_workers(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """kill -9 of the driver alone (not its process tree): within 15 s no process it started (Ray's GCS,
+    raylet, dashboard and runtime-env agents, the training workers) is left, and no checkpoint is written after
+    the one that may have been in flight."""
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    started = {}
+    proc, log_path = _start_long_driver(tiny_data_dir, tiny_tokenizer_dir, storage, "sigkill", tmp_path, ray_tmp)
+    run = os.path.join(storage, "sigkill")
+    try:
+        started = _start_times(_descendants(proc.pid))
+        assert len(started) > 5, f"expected a Ray session below the driver, found {len(started)} processes"
+        before = _complete_steps(run)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 15
+        while _survivors(started) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _survivors(started)
+        assert not left, f"still running 15 s after the driver died: {left} ({log_path})"
+        time.sleep(3)
+        new = _complete_steps(run) - before
+        assert new <= {max(before) + 4}, f"checkpoints written after the driver died: {sorted(new)}"
+    finally:
+        for pid in _survivors(started):
+            os.kill(pid, signal.SIGKILL)
+        _reap_ray(ray_tmp, timeout=0)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ctrl_c_stops_the_run_within_seconds(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """SIGINT to the driver (Ctrl-C): it exits within 20 s with code 130 and a message saying how to resume,
+    every process it started is gone, and the newest checkpoint is complete."""
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    started = {}
+    proc, log_path = _start_long_driver(tiny_data_dir, tiny_tokenizer_dir, storage, "sigint", tmp_path, ray_tmp)
+    try:
+        started = _start_times(_descendants(proc.pid))
+        t0 = time.time()
+        os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=20)
+        took = time.time() - t0
+        log = log_path.read_text()
+        assert rc == 130, log[-3000:]
+        assert "error: interrupted; the checkpoints written so far are kept" in log
+        deadline = time.time() + 10
+        while _survivors(started) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _survivors(started), f"left behind after Ctrl-C: {_survivors(started)}"
+        assert _complete_steps(os.path.join(storage, "sigint")), "no complete checkpoint left"
+        print(f"driver exited {took:.1f} s after SIGINT")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _survivors(started):
+            os.kill(pid, signal.SIGKILL)
+        _reap_ray(ray_tmp, timeout=0)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. Another Ray on the same machine
+
+
+def test_embedded_ray_ignores_another_local_ray(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """A second `ray start --head` (own ports on 127.0.0.1, own temp dir) runs on the machine: a tiny
+    `python -m raychat.train` still succeeds, and Ray Train's placement-group cleaner never fails with "Found
+    multiple active Ray instances" (it is pointed at the embedded Ray's own dashboard)."""
+    other_tmp = tempfile.mkdtemp(prefix="ro", dir="/tmp")
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = _subprocess_env(other_tmp)
+    start = subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "0",
+                            "--num-cpus", "1", "--include-dashboard", "false", "--temp-dir", other_tmp,
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "twoRays")
+        args[args.index("--num-iterations") + 1] = "4"
+        done = subprocess.run([sys.executable, "-m", "raychat.train", *args], cwd=REPO, env=_subprocess_env(ray_tmp),
+                              capture_output=True, text=True, timeout=400)
+        (tmp_path / "two_rays.log").write_text(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "Found multiple active Ray instances" not in done.stdout + done.stderr
+    finally:
+        _reap_ray(ray_tmp)
+        _reap_ray(other_tmp, timeout=0)  # that head's processes only (by its temp dir), never `ray stop`
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(other_tmp, ignore_errors=True)

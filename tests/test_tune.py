@@ -118,10 +118,12 @@ def test_overrides_and_grid_count(tmp_path):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_configs_dry_run(name, capsys):
+def test_shipped_configs_dry_run(name, tiny_data_dir, tiny_tokenizer_dir, capsys):
     from raychat.tune import main
 
-    assert main([os.path.join(REPO, "tune_configs", name), "--dry-run"]) == 0
+    # A dry run checks the trials' shards and tokenizer too: point it at real (tiny) ones.
+    assert main([os.path.join(REPO, "tune_configs", name), "--dry-run", "--set", f"train.data_dir={tiny_data_dir}",
+                 "--set", f"train.tokenizer_dir={tiny_tokenizer_dir}"]) == 0
     out = capsys.readouterr().out
     assert f"Sweep {name[:-5]}:" in out and "python -m raychat.train" in out
     with open(os.path.join(REPO, "tune_configs", name)) as f:

@@ -35,6 +35,7 @@ row groups, dropping the buffer (spec §7.2, §9).
 """
 import itertools
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -237,17 +238,17 @@ class SlotDocuments:
                 object_store_memory=LOOKAHEAD_BYTES)
             # An actor tokenizes with as many threads as the CPUs it reserves, so it never oversubscribes them.
             actor_threads = max(1, int(self.actor_num_cpus))
-            ds = ds.map_batches(_TokenizeRowGroups, batch_size=1, batch_format="pyarrow",
-                                fn_constructor_args=(self.tokenizer_dir, actor_threads),
-                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.actors),
-                                num_cpus=self.actor_num_cpus,
-                                # No actor restarts or task retries inside Ray Data: a lost or crashing
-                                # tokenizer fails the training worker, and Ray Train's restart (bounded by
-                                # --max-failures) resumes the stream exactly from the checkpoint. Ray Data's
-                                # default (restart forever) would retry a deterministic crash without end, and
-                                # prints an error per pool at start (ray#53727: its arguments live in the
-                                # object store).
-                                max_restarts=0)
+            # No actor restarts or task retries inside Ray Data: a lost or crashing tokenizer fails the training
+            # worker, and Ray Train's restart (bounded by --max-failures) resumes the stream exactly from the
+            # checkpoint. Ray Data's default (restart forever) would retry a deterministic crash without end,
+            # and logs an error per pool at start (ray#53727: its arguments live in the object store). Ray 2.60
+            # has no named parameter for it yet; its own comment points to this keyword, which it deprecates.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                ds = ds.map_batches(_TokenizeRowGroups, batch_size=1, batch_format="pyarrow",
+                                    fn_constructor_args=(self.tokenizer_dir, actor_threads),
+                                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.actors),
+                                    num_cpus=self.actor_num_cpus, max_restarts=0)
             for table in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=self.prefetch):
                 tokens_col, offsets_col = table.column("tokens"), table.column("offsets")
                 for i, k in enumerate(table.column("item").to_pylist()):
