@@ -104,9 +104,9 @@ def _rss_tree(root: int) -> tuple[int, dict]:
     return sum(r for r, _ in info.values()), info
 
 
-def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str | None) -> dict:
-    """Launch, timestamp each output line, poll memory every 0.25 s. `trainer_match`: a cmdline substring that
-    names the training process inside the tree (None: the launched process itself)."""
+def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str | None, log_path: str) -> dict:
+    """Launch, timestamp each output line into `log_path`, poll memory every 0.25 s. `trainer_match`: a cmdline
+    substring that names the training process inside the tree (None: the launched process itself)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
@@ -124,9 +124,11 @@ def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     lines, first_step, steps = [], None, {}
+    log = open(log_path, "w")
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
+            log.write(f"{time.perf_counter() - t0:8.2f} {line}")
             m = STEP.search(line)
             if m:
                 steps[int(m.group(1))] = (float(m.group(4)) / 1000, float(m.group(3)))
@@ -136,6 +138,7 @@ def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str 
                 raise TimeoutError(f"{' '.join(cmd[:4])} ran past {timeout} s")
         rc = proc.wait(timeout=60)
     finally:
+        log.close()
         done.set()
         if proc.poll() is None:
             proc.kill()
@@ -157,8 +160,12 @@ def model_flags(a, depth: int, total_batch: int, steps: int) -> list[str]:
 class Runner:
     def __init__(self, a, work: str, data_dir: str, tok_dir: str, peer_base: str):
         self.a, self.work, self.data_dir, self.tok_dir, self.peer_base = a, work, data_dir, tok_dir, peer_base
-        self.shared_cache = os.path.join(work, "inductor-shared")
+        self.shared_cache = a.inductor_dir or os.path.join(work, "inductor-shared")
         self.n = 0
+
+    def _log(self, name: str) -> str:
+        os.makedirs(os.path.join(self.work, "logs"), exist_ok=True)
+        return os.path.join(self.work, "logs", f"{self.n:02d}-{name}.log")
 
     def _cache(self, cold: bool) -> str:
         self.n += 1
@@ -169,7 +176,7 @@ class Runner:
         env.update(NANOCHAT_BASE_DIR=self.peer_base, TORCHINDUCTOR_CACHE_DIR=self._cache(cold), WANDB_MODE="disabled")
         cmd = [self.a.peer_python, "-m", "scripts.base_train", *model_flags(self.a, depth, self.a.total_batch_size, steps),
                "--device-type=cpu", "--run=dummy"]
-        return run(cmd, self.a.nanochat_dir, env, self.a.timeout, None)
+        return run(cmd, self.a.nanochat_dir, env, self.a.timeout, None, self._log(f"nanochat-d{depth}"))
 
     def raychat(self, depth: int, steps: int, cold: bool, workers: int = 1, total_batch: int | None = None) -> dict:
         from bench.bench_train import bench_env
@@ -182,7 +189,7 @@ class Runner:
                *model_flags(self.a, depth, total_batch or self.a.total_batch_size, steps),
                "--data-dir", self.data_dir, "--tokenizer-dir", self.tok_dir,
                "--storage-path", os.path.join(self.work, "runs"), "--run-name", f"vs-d{depth}-{self.n}", *self.a.raychat_args]
-        return run(cmd, REPO, env, self.a.timeout, "RayTrainWorker")
+        return run(cmd, REPO, env, self.a.timeout, "RayTrainWorker", self._log(f"raychat-d{depth}-w{workers}"))
 
 
 def describe(name: str, r: dict, tokens: int) -> str:
@@ -201,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="interleaved nanochat/raychat pairs per depth")
     p.add_argument("--cold", action="store_true", help="a fresh TORCHINDUCTOR_CACHE_DIR for every timed run")
     p.add_argument("--no-prime", action="store_true", help="skip the 1-step cache-priming runs (warm mode)")
+    p.add_argument("--inductor-dir", default="", help="the shared compile cache of warm mode (default: a fresh one); "
+                   "an earlier run's, with --no-prime, times warm runs without priming again")
     p.add_argument("--layouts", action="store_true", help="also raychat 2 workers x 1 CPU vs 1 worker x 2 CPUs")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--device-batch-size", type=int, default=8)
@@ -235,7 +244,7 @@ def main(argv=None) -> int:
     write_peer_layout(data_dir, tok_dir, peer_base)
     r = Runner(a, work, data_dir, tok_dir, peer_base)
     tokens = a.total_batch_size
-    print(f"work dir {work}; load average before: {os.getloadavg()}", flush=True)
+    print(f"work dir {work} (each run's timestamped output in logs/); load average before: {os.getloadavg()}", flush=True)
     summary = {}
     for depth in a.depths:
         print(f"\n--- d{depth} ---", flush=True)

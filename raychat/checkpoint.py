@@ -122,6 +122,7 @@ class BackgroundWriter:
         self._error = None
         self._buffers = []
         self.timings = {}  # the last checkpoint's seconds from submit to staged and to written
+        self.written_bytes = 0  # the last checkpoint's size on this rank
 
     def reserve(self, optim_state: dict, model_state: dict | None = None) -> None:
         """Allocate (and fault in) host buffers for a later `submit` of a state shaped like this one."""
@@ -163,7 +164,7 @@ class BackgroundWriter:
             finally:
                 staged.set()
             optim, data, model, meta_ = snapshot
-            timings["bytes"] = save_rank_files(directory, rank, optim, data, model_state=model, meta=meta_)
+            self.written_bytes = save_rank_files(directory, rank, optim, data, model_state=model, meta=meta_)
             if then is not None:
                 then()
             timings["written"] = time.perf_counter() - t0

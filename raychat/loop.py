@@ -325,8 +325,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                 raise  # anything else: Ray Train restarts the group from the newest checkpoint
             lasting = e.__cause__.errno
         if checkpoint_dir is not None:
-            if _reduce_over_ranks(lasting, device, dist.ReduceOp.MAX):
-                return storage_failure(saved_step, int(_reduce_over_ranks(lasting, device, dist.ReduceOp.MAX)))
+            if errno_ := int(_reduce_over_ranks(lasting, device, dist.ReduceOp.MAX)):  # on any rank
+                return storage_failure(saved_step, errno_)
             w = writer.timings
             log(f"Checkpoint of step {saved_step:05d}: copied in {w['staged']:.2f}s and written in "
                 f"{w['written']:.2f}s on a thread, reported at step {step:05d}")
@@ -335,7 +335,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
 
     def storage_failure(saved_step: int, errno_: int) -> str:
         """Every rank's writer is done: remove the step's partial directory and say what it needed."""
-        needed = _reduce_over_ranks(writer.timings.get("bytes", 0), device, dist.ReduceOp.SUM)
+        needed = _reduce_over_ranks(writer.written_bytes, device, dist.ReduceOp.SUM)
         if master:
             session.discard(saved_step)
         free = free_bytes(run_dir(cfg))

@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli_parser("raychat.tune", "Sweep raychat training hyperparameters with Ray Tune (ASHA on val bpb)")
     p.add_argument("sweep_file", help="a sweep YAML file, e.g. tune_configs/cpu_smoke.yaml (schema: docs/TUNE.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
-    p.add_argument("--dry-run", action="store_true", help="validate the file, print the resolved sweep, exit")
+    p.add_argument("--dry-run", action="store_true", help="validate the file and the trials' tokenizer and shards, print the resolved sweep, exit")
     p.add_argument("--name", help="override the sweep's name (its directory)")
     p.add_argument("--storage-path", help="override the sweep's storage_path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

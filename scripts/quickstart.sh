@@ -7,7 +7,7 @@
 #   4. evaluation (bits per byte on train/val) and samples
 # Everything lands under $RAYCHAT_BASE_DIR/quickstart (default ~/.cache/raychat/quickstart).
 #   bash scripts/quickstart.sh            # STEPS=200 by default; rerunning with the same RUN_NAME resumes
-#   bash scripts/quickstart.sh --dry-run  # every step parses and validates its flags, then exits
+#   bash scripts/quickstart.sh --dry-run  # every step checks its flags (training: also its data), then exits
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

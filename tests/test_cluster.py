@@ -4,8 +4,9 @@
   (the JSON schema shipped inside the installed `ray` package), as `ray up` does before touching a cloud.
 - k8s/rayjob.yaml parses and runs the same training command as scripts/speedrun.sh.
 - Every `python -m raychat...` / `python -m scripts...` command in scripts/*.sh, README.md, docs/*.md and
-  the RayJob entrypoint is run with `--dry-run` appended: it must parse and validate. A command whose
-  module does not exist yet is skipped (with its name), never silently passed.
+  the RayJob entrypoint is run with `--dry-run` appended, in a temp sandbox holding tiny real shards and a
+  tokenizer: it must pass the launch's checks. A command whose module does not exist yet is skipped (with
+  its name), never silently passed.
 """
 import copy
 import glob

@@ -56,6 +56,15 @@ def test_dry_run_passes_on_real_data_and_checks_the_slots(tiny_data_dir, tiny_to
     assert not os.path.exists(storage)
 
 
+@pytest.mark.slow
+def test_dry_run_checks_the_checkpoint_a_rerun_would_resume(baseline, tiny_data_dir, tiny_tokenizer_dir, storage,
+                                                            capsys):
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "baseline", "--num-workers", "2")
+    assert train_main([*args, "--dry-run"]) == 0
+    assert train_main([*args, "--depth", "3", "--dry-run"]) == 2
+    assert "another model" in capsys.readouterr().err
+
+
 def test_a_dry_run_makes_no_directory_in_the_working_directory(tmp_path, monkeypatch):
     """The quickstart's commands name a relative base dir (the documented-command check runs them)."""
     from raychat.data.__main__ import main as data_main
