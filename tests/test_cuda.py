@@ -71,22 +71,28 @@ def test_compiled_model_matches_eager(device):
                                                f"(eager grad norm {g.norm():.3g})"
 
 
-def test_compiled_optimizer_kernels_match_eager(device, monkeypatch):
+@pytest.mark.parametrize("ortho", ["fp32", "bf16"])
+def test_compiled_optimizer_kernels_match_eager(device, ortho, monkeypatch):
+    if device == "cuda" and ortho == "fp32":
+        pytest.skip("CUDA runs the reference's bf16 orthogonalisation")
     start = {n: p.detach().float().clone() for n, p in tiny_gpt(device).named_parameters()}
     results = {}
     for compiled in (False, True):
         monkeypatch.setitem(optim.COMPILE_KERNELS, device, compiled)
         optim._kernels.cache_clear()
         model = tiny_gpt(device)
-        results[compiled] = train_steps(model, model.setup_optimizer(), device)
+        dtype = torch.float32 if ortho == "fp32" else torch.bfloat16
+        results[compiled] = train_steps(model, model.setup_optimizer(ortho_dtype=dtype), device)
     optim._kernels.cache_clear()
-    # bf16 orthogonalisation (CUDA): inductor keeps some intermediates in fp32 (spec §3.2), so a few
-    # cautious-mask entries may flip; the updates must still agree as a whole.
+    # bf16 orthogonalisation: inductor keeps some intermediates in fp32 (spec §3.2), so bf16 roundings and a
+    # few cautious-mask entries differ; the updates must still agree as a whole. Measured on the avx512_bf16
+    # CPU: up to 0.095 of the 3-step update (c_q); fp32: rounding only.
+    bound = 0.05 if ortho == "fp32" or device == "cuda" else 0.2
     for name, p0 in start.items():
         update = (results[False][name] - p0).norm()
         assert update > 0, f"{name} did not move"
         rel = (results[True][name] - results[False][name]).norm() / update
-        assert rel < 0.05, f"{name}: compiled update differs from eager by {rel:.3f} of the update"
+        assert rel < bound, f"{name}: compiled update differs from eager by {rel:.3f} of the update"
 
 
 @pytest.fixture
