@@ -279,7 +279,7 @@ def main(argv=None) -> int:
         ts_n, ts_r = tokens / med(n, "dt"), tokens / med(ry, "dt")
         su_n, su_r = med(n, "startup"), med(ry, "startup")
         cold = (f"{med(res['nanochat cold'], 'startup'):6.1f}/{med(res['raychat cold'], 'startup'):6.1f}"
-                if res["nanochat cold"] else "(--cold: left)")
+                if res["nanochat cold"] else "(not primed)")
         print(f"d{depth:<5d}{ts_n:15,.0f}{ts_r:9,.0f}{ts_r / ts_n:7.2f} | {su_n:7.1f}/{su_r:6.1f} ({su_r / su_n:5.2f}x) | "
               f"{cold:>20s} | {med(n, 'rss_trainer') / 2**20:8.0f} / {med(ry, 'rss_trainer') / 2**20:8.0f} / "
               f"{med(ry, 'rss_tree') / 2**20:8.0f}       | {med(n, 'loss'):.4f}/{med(ry, 'loss'):.4f}")

@@ -76,23 +76,30 @@ def test_compiled_optimizer_kernels_match_eager(device, ortho, monkeypatch):
     if device == "cuda" and ortho == "fp32":
         pytest.skip("CUDA runs the reference's bf16 orthogonalisation")
     start = {n: p.detach().float().clone() for n, p in tiny_gpt(device).named_parameters()}
+    runs = [(False, ortho), (True, ortho)] + ([(False, "fp32")] if ortho == "bf16" and device == "cpu" else [])
     results = {}
-    for compiled in (False, True):
+    for compiled, dt in runs:
         monkeypatch.setitem(optim.COMPILE_KERNELS, device, compiled)
         optim._kernels.cache_clear()
         model = tiny_gpt(device)
-        dtype = torch.float32 if ortho == "fp32" else torch.bfloat16
-        results[compiled] = train_steps(model, model.setup_optimizer(ortho_dtype=dtype), device)
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        results[compiled, dt] = train_steps(model, model.setup_optimizer(ortho_dtype=dtype), device)
     optim._kernels.cache_clear()
-    # bf16 orthogonalisation: inductor keeps some intermediates in fp32 (spec §3.2), so bf16 roundings and a
-    # few cautious-mask entries differ; the updates must still agree as a whole. Measured on the avx512_bf16
-    # CPU: up to 0.095 of the 3-step update (c_q); fp32: rounding only.
-    bound = 0.05 if ortho == "fp32" or device == "cuda" else 0.2
+    eager, compiled = results[False, ortho], results[True, ortho]
     for name, p0 in start.items():
-        update = (results[False][name] - p0).norm()
+        update = (eager[name] - p0).norm()
         assert update > 0, f"{name} did not move"
-        rel = (results[True][name] - results[False][name]).norm() / update
-        assert rel < bound, f"{name}: compiled update differs from eager by {rel:.3f} of the update"
+        rel = (compiled[name] - eager[name]).norm() / update
+        # bf16 orthogonalisation: inductor keeps some intermediates in fp32 (spec §3.2), so bf16 roundings and a
+        # few cautious-mask entries differ. On CUDA the updates agree within 5%; on the CPU (measured on
+        # avx512_bf16) compiled and eager bf16 differ by about as much as eager bf16 and fp32 do (0.1-0.2 of a
+        # 3-step update for the attention matrices, value embeddings and gates): compiling adds no error beyond
+        # bf16's own.
+        if ortho == "bf16" and device == "cpu":
+            bound = 1.5 * (results[False, "fp32"][name] - eager[name]).norm() / update + 0.01
+        else:
+            bound = 0.05
+        assert rel < bound, f"{name}: compiled update differs from eager by {rel:.3f} of the update (bound {bound:.3f})"
 
 
 @pytest.fixture
