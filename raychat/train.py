@@ -182,10 +182,6 @@ def init_ray(cfg: TrainConfig):
     # One machine has no other node to lose: Ray Train's preemption watcher would watch nothing, and its
     # actor logs an error at every start (its arguments live in the object store, ray#53727).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray starts its worker processes at nice 15 (the raylet's worker_niceness), so the training workers yield
-    # the CPU to every other process, Ray's own included; the reference trains at nice 0. The raylet reads the
-    # setting from its environment at start; a value the user set wins (docs/LOG.md, issue 13).
-    os.environ.setdefault("RAY_worker_niceness", "0")
     _start_reaper()
     # Ray Train's placement-group cleaner and the state API find "the" local Ray by scanning this machine's
     # processes (ray.dashboard.utils.get_address_for_submission_client) and fail at every start when another
