@@ -182,7 +182,7 @@ def init_ray(cfg: TrainConfig):
     # One machine has no other node to lose: Ray Train's preemption watcher would watch nothing, and its
     # actor logs an error at every start (its arguments live in the object store, ray#53727).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    _start_reaper()
+    start_reaper()
     # Ray Train's placement-group cleaner and the state API find "the" local Ray by scanning this machine's
     # processes (ray.dashboard.utils.get_address_for_submission_client) and fail at every start when another
     # Ray runs here ("Found multiple active Ray instances"). Point them at this Ray's own dashboard, through
@@ -204,7 +204,7 @@ def _free_loopback_port() -> int:
 _REAPER_PIPE = []  # the write end, open for this process's lifetime: its closing tells the reaper
 
 
-def _start_reaper() -> None:
+def start_reaper() -> None:
     """The embedded Ray's processes die with this driver, even under kill -9 (raychat/reaper.py)."""
     import subprocess
 

@@ -143,6 +143,9 @@ def init_ray(sweep: Sweep) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # no resource arguments against an existing cluster (RAY_PRACTICE §4)
         return
+    from raychat.train import start_reaper
+
+    start_reaper()  # the sweep's local Ray and its trials end with this driver, even under kill -9
     need = sweep.per_trial_resources()["CPU"] * (sweep.max_concurrent_trials or 1)
     # Logical CPUs may exceed cores: with fewer, concurrent trial drivers starve their workers (RAY_PRACTICE §8).
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)

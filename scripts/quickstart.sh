@@ -39,11 +39,13 @@ if [ -n "$DRY" ] && { [ ! -f "$BASE/base_data/val.parquet" ] || [ ! -f "$BASE/to
     # A training dry run checks the real shards and tokenizer, which only a real run of the steps above makes.
     echo "quickstart: (dry run) training not checked: it needs the shards and tokenizer the steps above make"
 else
+    # --compile=false: a first run compiles cold in both workers at once (~100 s each on 2 cores), more than
+    # 200 d4 steps win back; a longer run, or a rerun with a warm cache, gains from the default (docs/LOG.md).
     python -m raychat.train --base-dir "$BASE" --run-name "$RUN_NAME" \
         --depth=4 --head-dim=64 --max-seq-len=256 --window-pattern=L \
         --device-batch-size=8 --total-batch-size=4096 --num-workers=2 \
         --num-iterations="$STEPS" --eval-every=100 --eval-tokens=65536 --save-every=100 \
-        --core-metric-every=-1 --sample-every="$STEPS" ${DRY:+"$DRY"}
+        --core-metric-every=-1 --sample-every="$STEPS" --compile=false ${DRY:+"$DRY"}
 fi
 # The eval and export commands for this run name its base dir: the defaults (~/.cache/raychat) hold no such run.
 EVAL=(python -m raychat.eval --base-dir "$BASE" --run-name "$RUN_NAME" "--eval=bpb,sample" --split-tokens=65536 --device-batch-size=8)
