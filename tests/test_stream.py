@@ -1,5 +1,6 @@
 """PackedStream / SlotDocuments on real parquet shards and a real tokenizer; Ray Data against inline."""
 import json
+import time
 import re
 
 import numpy as np
@@ -160,6 +161,22 @@ def test_ray_data_backend_matches_inline_and_resumes(corpus, ray_local):
     with PackedStream(files, tok_dir, slot=0, num_slots=2, state=json.loads(json.dumps(states[i])), backend="ray",
                       window=6, **SMALL) as resumed:
         assert_same(take(resumed, len(expected) - i), expected[i:])
+
+
+def test_ray_data_stream_waits_while_its_trainer_computes(corpus, ray_local, monkeypatch):
+    """Once the look-ahead is full, Ray Data's scheduling loop (a thread of the training process) spun without
+    waiting, holding the GIL: 93% of a CPU while the trainer computed. It must pause (stream.SCHEDULER_PAUSE_S)."""
+    from raychat.data import stream
+
+    files, tok_dir, _ = corpus
+    monkeypatch.setattr(stream, "LOOKAHEAD_BYTES", 64 * 1024)  # a small look-ahead fills in a moment
+    with PackedStream(files, tok_dir, slot=0, num_slots=2, backend="ray", **SMALL) as s:
+        take(s, 3)
+        time.sleep(3.0)  # the trainer's "step": the look-ahead fills and backpressure stops every task
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(3.0)
+        idle_cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    assert idle_cpu < 0.25, f"the stream used {idle_cpu:.0%} of a CPU in the trainer's process while it computed"
 
 
 # ---- bad inputs -----------------------------------------------------------------------------------------

@@ -33,8 +33,10 @@ order and continues; the next batches equal the uninterrupted stream's. This cha
 purpose: its state is the last fetched chunk's (file, row group) and resume skips to the next block of
 row groups, dropping the buffer (spec §7.2, §9).
 """
+import functools
 import itertools
 import os
+import time
 import warnings
 from typing import Iterator
 
@@ -47,6 +49,11 @@ STATE_VERSION = 1
 DEFAULT_CHUNK_SIZE = 128  # the reference's tokenizer batch (spec §7.2)
 DEFAULT_WINDOW = 1024  # row groups per Ray Data dataset; a new pipeline starts after each window
 LOOKAHEAD_BYTES = 256 * 1024**2  # tokenized row groups a Ray Data stream may hold ahead of its trainer
+# Ray Data's scheduling loop runs in the training worker's process and, once backpressure has stopped every
+# task (the look-ahead is full: most of the time), it spins without waiting, holding the GIL: measured at a
+# third of a CPU worker's CPU time at d4 (docs/LOG.md, ray#63544). A pause per loop step caps it at ~20 Hz (4% of a CPU); a
+# row group arriving up to this much later costs nothing, the stream being that far ahead of the trainer.
+SCHEDULER_PAUSE_S = 0.05
 BACKENDS = ("ray", "inline")
 
 
@@ -103,6 +110,18 @@ def _as_tokenizer(tokenizer):
 
         return Tokenizer.from_directory(tokenizer)
     return tokenizer
+
+
+@functools.cache
+def _paced_scheduler():
+    """A Ray Data execution callback that pauses the scheduling loop at every step (SCHEDULER_PAUSE_S)."""
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    class PacedScheduler(ExecutionCallback):
+        def on_execution_step(self, executor):
+            time.sleep(SCHEDULER_PAUSE_S)
+
+    return PacedScheduler
 
 
 class _TokenizeRowGroups:
@@ -236,6 +255,7 @@ class SlotDocuments:
             # unbounded look-ahead tokenizes for minutes and takes the cores the training workers need.
             ds.context.execution_options.resource_limits = ray.data.ExecutionResources(
                 object_store_memory=LOOKAHEAD_BYTES)
+            ds.context.custom_execution_callback_classes = [_paced_scheduler()]
             # An actor tokenizes with as many threads as the CPUs it reserves, so it never oversubscribes them.
             actor_threads = max(1, int(self.actor_num_cpus))
             # No actor restarts or task retries inside Ray Data: a lost or crashing tokenizer fails the training
