@@ -79,7 +79,7 @@ class TrainConfig:
     data_dir: str | None = None  # default <base>/base_data; s3://, gs:// and mounted paths work
     tokenizer_dir: str | None = None  # default <base>/tokenizer
     # --- data stream ---
-    data_backend: str = "ray"  # ray (Ray Data actor pool) | inline (in the worker process)
+    data_backend: str = "auto"  # ray (Ray Data actor pool) | inline (in the worker process) | auto (train.py)
     data_actors: int = 1  # tokenizer actors per data slot
     # --- extras beyond the reference ---
     init_from_nanochat: str | None = None  # a nanochat base checkpoint directory to start from
@@ -127,7 +127,7 @@ class TrainConfig:
         need(self.device_type in ("", "cuda", "cpu", "mps"), "device_type", "must be cuda, cpu, mps or empty (auto)")
         need(self.max_failures >= -1, "max_failures", "must be -1 (retry forever) or >= 0")
         need(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-        need(self.data_backend in ("ray", "inline"), "data_backend", "must be ray or inline")
+        need(self.data_backend in ("auto", "ray", "inline"), "data_backend", "must be auto, ray or inline")
         need(self.data_actors >= 1, "data_actors", "must be >= 1")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", "must be stop or skip")
         unknown = [n for n in self.allowed_changes() if n not in TRAJECTORY_SETTINGS]
@@ -235,7 +235,9 @@ _HELP = {
     "base_dir": "base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)",
     "data_dir": "shard directory (default <base>/base_data; s3://, gs:// work)",
     "tokenizer_dir": "tokenizer directory (default <base>/tokenizer)",
-    "data_backend": "ray: tokenize in a Ray Data actor pool; inline: in the training worker",
+    "data_backend": "ray: tokenize in a Ray Data actor pool; inline: in the training worker; auto: inline when "
+                    "raychat starts its own Ray and the workers take every CPU (nothing to spare for actors), "
+                    "else ray. The batches are the same either way",
     "data_actors": "Ray Data tokenizer actors per data slot",
     "init_from_nanochat": "initialise the model from a nanochat base checkpoint directory",
     "nan_policy": "stop|skip: on a non-finite loss, stop naming the step, or skip that update",

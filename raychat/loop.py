@@ -246,7 +246,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     train_files, val_file = split_shards(cfg.data_dir)
     data_states = resume["data"] if resume is not None else [None] * A
     streams = [PackedStream(train_files, tokenizer, B, T, slot=my_slots[a], num_slots=S,
-                            state=data_states[a], backend=cfg.data_backend, actors=cfg.data_actors)
+                            state=data_states[a], backend="inline" if cfg.data_backend == "inline" else "ray",
+                            actors=cfg.data_actors)
                for a in range(A)]
 
     def next_batch(a):

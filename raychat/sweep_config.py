@@ -109,7 +109,7 @@ class Sweep:
         """Logical resources one trial holds: its Tune driver plus its Train workers (and Ray Data actors)."""
         res = self.resources
         cpus = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
-        if self.train.get("data_backend", TrainConfig.data_backend) == "ray":
+        if self.train.get("data_backend", TrainConfig.data_backend) != "inline":  # auto is ray in a trial
             cpus += res["workers"] * self.train.get("data_actors", TrainConfig.data_actors)  # 1 CPU per actor
         return {"CPU": cpus, "GPU": res["workers"] * res["gpus_per_worker"]}
 

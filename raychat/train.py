@@ -152,17 +152,22 @@ def _print_plan(cfg: TrainConfig, plan) -> int:
     return 0
 
 
-def resolve_cpus(cfg: TrainConfig) -> TrainConfig:
-    """--cpus-per-worker 0 (auto): when raychat starts its own local Ray, the machine's CPUs shared among the
-    workers (1 worker on 2 cores gets both: 1.7x the tokens/s of 1 thread at d4, docs/LOG.md); on a cluster it
-    attaches to, 1 (a GPU worker needs few; pass --cpus-per-worker to reserve more)."""
-    import ray
+def resolve_auto(cfg: TrainConfig, local: bool, cpus: int) -> TrainConfig:
+    """The `auto` values that depend on where the run goes (`local`: raychat starts its own Ray on this
+    machine's `cpus`).
 
-    if cfg.cpus_per_worker > 0:
-        return cfg
-    local = not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return dataclasses.replace(cfg, cpus_per_worker=float(max(1, cpus // cfg.num_workers)) if local else 1.0)
+    --cpus-per-worker 0: locally the machine's CPUs shared among the workers (1 worker on 2 cores gets both:
+    1.7x the tokens/s of 1 thread at d4, docs/LOG.md); on a cluster it attaches to, 1 (a GPU worker needs few;
+    pass --cpus-per-worker to reserve more).
+    --data-backend auto: inline when the local workers take every CPU, since Ray Data's actors and its
+    scheduling thread could then only run on the training threads' cores (d4 on 2 cores: 0.70x nanochat's
+    tokens/s with Ray Data against 0.87x inline, docs/LOG.md); Ray Data wherever CPUs are left for it."""
+    if cfg.cpus_per_worker <= 0:
+        cfg = dataclasses.replace(cfg, cpus_per_worker=float(max(1, cpus // cfg.num_workers)) if local else 1.0)
+    if cfg.data_backend == "auto":
+        spare = not local or cfg.num_workers * cfg.cpus_per_worker < cpus
+        cfg = dataclasses.replace(cfg, data_backend="ray" if spare else "inline")
+    return cfg
 
 
 def init_ray(cfg: TrainConfig):
@@ -308,7 +313,10 @@ def main(argv=None) -> int:
         return 2
     _print_plan(cfg, plan)
 
-    cfg = resolve_cpus(cfg)
+    import ray
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cfg = resolve_auto(cfg, local=not os.environ.get("RAY_ADDRESS") and not ray.is_initialized(), cpus=cpus)
     init_ray(cfg)
     try:
         cfg = resolve_device(cfg)

@@ -2,8 +2,8 @@
 # raychat end to end on one machine, offline, in about 10 minutes on 2 CPU cores:
 #   1. shards from a corpus every machine has (the .py sources of Python's standard library)
 #   2. a BPE tokenizer trained on them
-#   3. a small GPT (d4) trained by 2 Ray Train workers on a local Ray that raychat starts itself,
-#      tokens streamed by Ray Data, checkpoints every 100 steps
+#   3. a small GPT (d4) trained by 2 Ray Train workers on a local Ray that raychat starts itself
+#      (with no core to spare for Ray Data here, they tokenize inline: --data-backend auto), checkpoints every 100 steps
 #   4. evaluation (bits per byte on train/val) and samples
 # Everything lands under $RAYCHAT_BASE_DIR/quickstart (default ~/.cache/raychat/quickstart).
 #   bash scripts/quickstart.sh            # STEPS=200 by default; rerunning with the same RUN_NAME resumes

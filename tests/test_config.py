@@ -21,7 +21,7 @@ SEED_FLAGS = {
 RAYCHAT_FLAGS = {
     "num_workers": 1, "use_gpu": "auto", "cpus_per_worker": 0.0, "storage_path": None, "run_name": None,
     "max_failures": 3, "keep_checkpoints": None, "base_dir": None, "data_dir": None, "tokenizer_dir": None,
-    "data_backend": "ray", "data_actors": 1, "init_from_nanochat": None, "nan_policy": "stop", "compile": "auto", "ortho_dtype": "auto", "allow_changed": "", "profile": False,
+    "data_backend": "auto", "data_actors": 1, "init_from_nanochat": None, "nan_policy": "stop", "compile": "auto", "ortho_dtype": "auto", "allow_changed": "", "profile": False,
     "dry_run": False, "debug_fail_at_step": -1, "debug_fail_kind": "exit", "debug_fail_rank": 0,
 }
 
@@ -116,3 +116,19 @@ def test_muon_momentum_and_weight_decay_schedules():
     assert muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == pytest.approx(0.95) and muon_momentum(5000) == pytest.approx(0.95)
     assert muon_weight_decay(0, 100, 0.2) == 0.2 and muon_weight_decay(99, 100, 0.2) == pytest.approx(0.002)
+
+
+def test_auto_cpus_and_data_backend_follow_where_the_run_goes():
+    from raychat.train import resolve_auto
+
+    cfg = TrainConfig()  # --cpus-per-worker 0, --data-backend auto
+    alone = resolve_auto(cfg, local=True, cpus=2)  # the embedded Ray on 2 cores: the worker takes both
+    assert (alone.cpus_per_worker, alone.data_backend) == (2.0, "inline")
+    two = resolve_auto(dataclasses.replace(cfg, num_workers=2), local=True, cpus=2)
+    assert (two.cpus_per_worker, two.data_backend) == (1.0, "inline")
+    spare = resolve_auto(dataclasses.replace(cfg, cpus_per_worker=2.0), local=True, cpus=8)
+    assert (spare.cpus_per_worker, spare.data_backend) == (2.0, "ray")  # 6 CPUs left for Ray Data's actors
+    cluster = resolve_auto(cfg, local=False, cpus=2)
+    assert (cluster.cpus_per_worker, cluster.data_backend) == (1.0, "ray")
+    chosen = resolve_auto(dataclasses.replace(cfg, data_backend="ray"), local=True, cpus=2)
+    assert chosen.data_backend == "ray"  # a value the user typed is kept
