@@ -199,7 +199,7 @@ def free_bytes(path: str) -> int | None:
 
 
 def copy_to_storage(local_dir: str, fs, dest: str) -> None:
-    """Copy a local checkpoint directory's files into `dest` on `fs` (local, s3, gs), then delete the local copy.
+    """Copy a local checkpoint directory's files into `dest` on `fs` (local, s3, gs); the local copy is deleted either way.
     Files already in `dest` from other ranks stay; a rewrite of the same step replaces this rank's files."""
     import pyarrow.fs as pafs
 
@@ -210,7 +210,9 @@ def copy_to_storage(local_dir: str, fs, dest: str) -> None:
         if e.errno not in LASTING_ERRNOS:
             raise
         raise StorageError(f"{dest}: {os.strerror(e.errno)}", e.errno) from e
-    shutil.rmtree(local_dir, ignore_errors=True)
+    finally:
+        # Failed or not, the local copy is done with: a stop or a restart resumes from storage, never from it.
+        shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def _delete_quietly(fs, path: str) -> None:
