@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from raychat import checkpoint as ckpt_files
-from raychat.common import autodetect_device_type, get_peak_flops, slot_range
+from raychat.common import autodetect_device_type, available_cpus, get_peak_flops, slot_range
 from raychat.config import TrainConfig, changed_settings, derive
 from raychat.schedules import lr_multiplier, muon_momentum, muon_weight_decay
 from raychat.session import StorageError, free_bytes, new_checkpoint_dir, run_dir
@@ -123,7 +123,7 @@ def cpu_threads(cfg: TrainConfig) -> int:
     the driver, e.g. LocalSession) every CPU this process may run on."""
     if cfg.cpus_per_worker > 0:
         return max(1, int(cfg.cpus_per_worker))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return available_cpus()
 
 
 def _inject_failure(cfg: TrainConfig, rank: int, step: int, phase: str) -> None:

@@ -199,8 +199,8 @@ def free_bytes(path: str) -> int | None:
 
 
 def copy_to_storage(local_dir: str, fs, dest: str) -> None:
-    """Copy a local checkpoint directory's files into `dest` on `fs` (local, s3, gs); the local copy is deleted either way.
-    Files already in `dest` from other ranks stay; a rewrite of the same step replaces this rank's files."""
+    """Copy a local checkpoint directory's files into `dest` on `fs` (local, s3, gs); the local copy is deleted
+    either way. Files already in `dest` from other ranks stay; a rewrite of the same step replaces this rank's files."""
     import pyarrow.fs as pafs
 
     try:

@@ -315,8 +315,10 @@ def main(argv=None) -> int:
 
     import ray
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cfg = resolve_auto(cfg, local=not os.environ.get("RAY_ADDRESS") and not ray.is_initialized(), cpus=cpus)
+    from raychat.common import available_cpus
+
+    cfg = resolve_auto(cfg, local=not os.environ.get("RAY_ADDRESS") and not ray.is_initialized(),
+                       cpus=available_cpus())
     init_ray(cfg)
     try:
         cfg = resolve_device(cfg)
