@@ -2,7 +2,7 @@
 
     python -m bench.bench_vs_nanochat --nanochat-dir ../shared/peers/nanochat-07c4dd4 \\
         [--peer-python /tmp/nanochat-venv/bin/python] [--depths 4 6 8] [--steps 40] [--repeats 1] [--cold]
-        [--layouts] [--dry-run]
+        [--layouts] [--local] [--dry-run]
 
 The peer's venv (../shared/peers/README.md): `python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip
 install torch==2.13.0 tiktoken rustbpe pyarrow numpy wandb requests filelock psutil tokenizers regex`.
@@ -21,7 +21,9 @@ interleaved (A B A B); printed per run and as raychat/nanochat ratios:
 Compile caches: by default both sides share one fresh TORCHINDUCTOR_CACHE_DIR, primed by a 1-step run per
 side and depth whose start-up is reported as the cold one; the timed runs are warm. `--cold` gives every
 timed run a fresh cache instead (every start-up cold). `--layouts` adds the quickstart's question: at the
-first depth and total batch 4096, 2 workers x 1 CPU against 1 worker x 2 CPUs (raychat only).
+first depth and total batch 4096, 2 workers x 1 CPU against 1 worker x 2 CPUs (raychat only). `--local` adds a
+third side, raychat's own loop with no Ray (bench_train's LocalSession child, tokenizing inline): it splits a
+gap into the loop's part (local / nanochat) and Ray's part (raychat / local).
 """
 import argparse
 import os
@@ -191,6 +193,20 @@ class Runner:
                "--storage-path", os.path.join(self.work, "runs"), "--run-name", f"vs-d{depth}-{self.n}", *self.a.raychat_args]
         return run(cmd, REPO, env, self.a.timeout, "RayTrainWorker", self._log(f"raychat-d{depth}-w{workers}"))
 
+    def local(self, depth: int, steps: int, cold: bool) -> dict:
+        """raychat's loop in a plain process (no Ray): the same flags, data and threads as `raychat`."""
+        from bench.bench_train import bench_env
+
+        env = bench_env()
+        if _OMP_BEFORE is None:
+            env.pop("OMP_NUM_THREADS", None)
+        env["TORCHINDUCTOR_CACHE_DIR"] = self._cache(cold)
+        cmd = [sys.executable, "-m", "bench.bench_train", "--child-local", "--",
+               *model_flags(self.a, depth, self.a.total_batch_size, steps),
+               "--data-dir", self.data_dir, "--tokenizer-dir", self.tok_dir, "--data-backend", "inline",
+               "--storage-path", os.path.join(self.work, "runs"), "--run-name", f"local-d{depth}-{self.n}", *self.a.raychat_args]
+        return run(cmd, REPO, env, self.a.timeout, None, self._log(f"local-d{depth}"))
+
 
 def describe(name: str, r: dict, tokens: int) -> str:
     return (f"  {name:22s} tok/s {tokens / r['dt']:7,.0f} (median dt {r['dt'] * 1000:7.1f} ms) | start-up {r['startup']:6.1f} s"
@@ -211,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--inductor-dir", default="", help="the shared compile cache of warm mode (default: a fresh one); "
                    "an earlier run's, with --no-prime, times warm runs without priming again")
     p.add_argument("--layouts", action="store_true", help="also raychat 2 workers x 1 CPU vs 1 worker x 2 CPUs")
+    p.add_argument("--local", action="store_true", help="also raychat's loop without Ray (splits loop from Ray cost)")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--device-batch-size", type=int, default=8)
     p.add_argument("--total-batch-size", type=int, default=2048)
@@ -248,13 +265,14 @@ def main(argv=None) -> int:
     summary = {}
     for depth in a.depths:
         print(f"\n--- d{depth} ---", flush=True)
-        res = {"nanochat": [], "raychat": [], "nanochat cold": [], "raychat cold": []}
+        sides = ("nanochat", "raychat", "local") if a.local else ("nanochat", "raychat")
+        res = {k: [] for side in sides for k in (side, f"{side} cold")}
         if not a.cold and not a.no_prime:  # the first compile of these shapes, into the shared cache: cold start-up
-            for side in ("nanochat", "raychat"):
+            for side in sides:
                 res[f"{side} cold"].append(getattr(r, side)(depth, 1, cold=False))
                 print(f"  {side} prime (1 step, cold cache): start-up {res[f'{side} cold'][-1]['startup']:.1f} s", flush=True)
         for i in range(a.repeats):
-            for side in (("nanochat", "raychat") if i % 2 == 0 else ("raychat", "nanochat")):
+            for side in (sides if i % 2 == 0 else sides[::-1]):
                 out = getattr(r, side)(depth, a.steps, cold=a.cold)
                 res[side].append(out)
                 print(describe(f"{side} #{i}", out, tokens), flush=True)
@@ -283,6 +301,12 @@ def main(argv=None) -> int:
         print(f"d{depth:<5d}{ts_n:15,.0f}{ts_r:9,.0f}{ts_r / ts_n:7.2f} | {su_n:7.1f}/{su_r:6.1f} ({su_r / su_n:5.2f}x) | "
               f"{cold:>20s} | {med(n, 'rss_trainer') / 2**20:8.0f} / {med(ry, 'rss_trainer') / 2**20:8.0f} / "
               f"{med(ry, 'rss_tree') / 2**20:8.0f}       | {med(n, 'loss'):.4f}/{med(ry, 'loss'):.4f}")
+        if res.get("local"):
+            lo = res["local"]
+            ts_l = tokens / med(lo, "dt")
+            print(f"{'':6s}raychat without Ray: tok/s {ts_l:,.0f} = {ts_l / ts_n:.2f}x nanochat (the loop), raychat on Ray "
+                  f"= {ts_r / ts_l:.2f}x it (Ray's part) | start-up {med(lo, 'startup'):.1f} s | peak RSS "
+                  f"{med(lo, 'rss_trainer') / 2**20:.0f} MiB | loss {med(lo, 'loss'):.4f}")
     print(f"load average after: {os.getloadavg()}")
     return 0
 
