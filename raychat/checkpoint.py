@@ -131,8 +131,10 @@ class BackgroundWriter:
         self._start(lambda: self._buffers_for(tensors))
 
     def submit(self, directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
-               meta: dict | None = None, then=None) -> None:
-        """`then()`, if given, runs on the thread once the files are written (to persist them to storage)."""
+               meta: dict | None = None, then=None, copy: bool = True) -> None:
+        """`then()`, if given, runs on the thread once the files are written (to persist them to storage).
+        copy=False writes the live tensors themselves (a GPU's through a plain device-to-host copy): for a state
+        that nothing changes any more, the run's last checkpoint, so no second copy of it is held in memory."""
         self.wait()
         # The tensors' order here matches reserve()'s: optimizer, then model (data and meta hold none).
         state = (_detach(optim_state), _detach(data_state), _detach(model_state), _detach(meta))
@@ -147,6 +149,8 @@ class BackgroundWriter:
         t0 = time.perf_counter()
 
         def stage():
+            if not copy:
+                return _map_tensors(state, lambda t: t.cpu())
             buffers = iter(self._buffers_for(live))
             return _map_tensors(state, lambda t: next(buffers).copy_(t, non_blocking=t.is_cuda))
 

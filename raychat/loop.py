@@ -421,7 +421,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                 }
                 writer.submit(checkpoint_dir, rank, optimizer.state_dict(), data_state_for_checkpoint(),
                               model_state=orig_model.state_dict() if master else None, meta=meta if master else None,
-                              then=functools.partial(persist_checkpoint, checkpoint_dir, step))
+                              then=functools.partial(persist_checkpoint, checkpoint_dir, step), copy=not last_step)
             # Written behind the next steps (writer.wait_staged() below is the only wait), reported by
             # flush_report once written on every rank, or right after the loop at the last step.
             pending_report = (metrics, checkpoint_dir, step)
@@ -500,7 +500,10 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         if first_step_of_run:
             # Host buffers for the checkpoints' copies, allocated behind the next steps: the optimizer's state
             # exists from its first step, and copying into mapped memory is what keeps a save's pause short.
-            writer.reserve(optimizer.state_dict(), orig_model.state_dict() if master else None)
+            # Only for a checkpoint before the last step: the last one is written uncopied (nothing trains after
+            # it), so a run that saves only at its end holds one copy of the state, as the reference does.
+            if cfg.save_every > 0 and (step // cfg.save_every + 1) * cfg.save_every < N:
+                writer.reserve(optimizer.state_dict(), orig_model.state_dict() if master else None)
             gc.collect()
             gc.freeze()
             gc.disable()

@@ -120,3 +120,17 @@ def test_reserved_buffers_are_reused_and_each_checkpoint_is_its_own(tmp_path):
     assert len(writer._buffers) == len(ckpt_files._tensors(optimizer.state_dict()))
     saved = torch.load(tmp_path / "c" / "optim_rank1.pt", weights_only=True)
     assert torch.equal(saved["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+
+
+def test_uncopied_checkpoint_writes_the_live_state_and_allocates_no_buffers(tmp_path):
+    """copy=False (the run's last checkpoint): the files hold the live tensors, and no host copy is made."""
+    model, optimizer = _state()
+    writer = ckpt_files.BackgroundWriter()
+    writer.submit(str(tmp_path), 0, optimizer.state_dict(), [{"row": 1}], model_state=model.state_dict(), meta={},
+                  copy=False)
+    writer.wait()
+    assert writer._buffers == []
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    saved = torch.load(tmp_path / "optim_rank0.pt", weights_only=True)
+    assert torch.equal(saved["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
