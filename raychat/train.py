@@ -194,8 +194,11 @@ def init_ray(cfg: TrainConfig):
     # the environment that every process of this Ray inherits from the driver.
     port = _free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # No idle workers prestarted for the driver: Ray Train's controller and workers each carry a runtime env
+    # of their own, so they never take one, and the two that Ray starts here would only hold memory and wake
+    # on the training threads' cores.
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port)
+             dashboard_host="127.0.0.1", dashboard_port=port, _system_config={"prestart_worker_first_driver": False})
 
 
 def _free_loopback_port() -> int:
