@@ -19,7 +19,7 @@ DRIVER = textwrap.dedent("""
     print(raylet.pid, flush=True)
     time.sleep(600)
 """)
-# The "raylet": on SIGUSR1 it starts a "worker" and prints its pid to the file named by its argument.
+# The "raylet": on SIGUSR1 it starts a "worker" and writes the worker's pid to `pidfile`.
 RAYLET = textwrap.dedent("""
     import signal, subprocess, sys, time
     def spawn(*_):
@@ -41,11 +41,11 @@ def _alive(pid: int) -> bool:
 
 def test_driver_killed_takes_its_tree_and_workers_started_late(tmp_path):
     pidfile = tmp_path / "worker.pid"
-    env = {**os.environ, "RAYCHAT_REAPER_SETTLE_S": "0"}  # straight to the slow pace
+    env = {**os.environ, "RAYCHAT_REAPER_SETTLE_S": "0.5"}  # fast scans for 0.5 s (they see the raylet), then 5 s
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, reaper.__file__, RAYLET.format(pidfile=pidfile)],
                               stdout=subprocess.PIPE, text=True, env=env)
     raylet = int(driver.stdout.readline())
-    time.sleep(1.0)  # the reaper's first scan has seen the raylet; its next is 5 s away
+    time.sleep(1.5)  # past the fast scans: the reaper's next look is seconds away
     os.kill(raylet, signal.SIGUSR1)
     deadline = time.time() + 10
     while not pidfile.exists() or not pidfile.read_text():
