@@ -180,13 +180,17 @@ class Runner:
                "--device-type=cpu", "--run=dummy"]
         return run(cmd, self.a.nanochat_dir, env, self.a.timeout, None, self._log(f"nanochat-d{depth}"))
 
-    def raychat(self, depth: int, steps: int, cold: bool, workers: int = 1, total_batch: int | None = None) -> dict:
+    def _raychat_env(self, cold: bool) -> dict:
         from bench.bench_train import bench_env
 
         env = bench_env()
         if _OMP_BEFORE is None:
             env.pop("OMP_NUM_THREADS", None)
         env["TORCHINDUCTOR_CACHE_DIR"] = self._cache(cold)
+        return env
+
+    def raychat(self, depth: int, steps: int, cold: bool, workers: int = 1, total_batch: int | None = None) -> dict:
+        env = self._raychat_env(cold)
         cmd = [sys.executable, "-m", "raychat.train", "--num-workers", str(workers),
                *model_flags(self.a, depth, total_batch or self.a.total_batch_size, steps),
                "--data-dir", self.data_dir, "--tokenizer-dir", self.tok_dir,
@@ -195,12 +199,7 @@ class Runner:
 
     def local(self, depth: int, steps: int, cold: bool) -> dict:
         """raychat's loop in a plain process (no Ray): the same flags, data and threads as `raychat`."""
-        from bench.bench_train import bench_env
-
-        env = bench_env()
-        if _OMP_BEFORE is None:
-            env.pop("OMP_NUM_THREADS", None)
-        env["TORCHINDUCTOR_CACHE_DIR"] = self._cache(cold)
+        env = self._raychat_env(cold)
         cmd = [sys.executable, "-m", "bench.bench_train", "--child-local", "--",
                *model_flags(self.a, depth, self.a.total_batch_size, steps),
                "--data-dir", self.data_dir, "--tokenizer-dir", self.tok_dir, "--data-backend", "inline",

@@ -36,11 +36,12 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _descendants(root: int, table: dict) -> dict[int, str]:
+def _descendants(roots: list[int], table: dict) -> dict[int, str]:
+    """{pid: start time} of every process below any of `roots`."""
     children = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    found, todo = {}, list(children.get(root, []))
+    found, todo = {}, [c for root in roots for c in children.get(root, [])]
     while todo:
         pid = todo.pop()
         found[pid] = table[pid][1]
@@ -53,16 +54,15 @@ def reap(driver: int) -> int:
     started = time.monotonic()
     while True:
         table = _process_table()
-        seen.update(_descendants(driver, table))
+        seen.update(_descendants([driver], table))
         seen.pop(os.getpid(), None)
         wait = POLL_S if time.monotonic() - started < SETTLE_S else SLOW_POLL_S
         if select.select([sys.stdin], [], [], wait)[0] and not os.read(sys.stdin.fileno(), 1):
             break  # EOF: the driver is gone
     table = _process_table()
-    seen.update(_descendants(driver, table))
-    for pid, start in list(seen.items()):  # the live ones' children started since the last scan
-        if pid in table and table[pid][1] == start:
-            seen.update(_descendants(pid, table))
+    # Below the driver and below every recorded process still alive: children started since the last scan.
+    live = [pid for pid, start in seen.items() if pid in table and table[pid][1] == start]
+    seen.update(_descendants([driver, *live], table))
     seen.pop(os.getpid(), None)
     killed = 0
     for pid, start in seen.items():

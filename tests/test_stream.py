@@ -1,7 +1,7 @@
 """PackedStream / SlotDocuments on real parquet shards and a real tokenizer; Ray Data against inline."""
 import json
-import time
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
