@@ -245,6 +245,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     A = len(my_slots)
     train_files, val_file = split_shards(cfg.data_dir)
     data_states = resume["data"] if resume is not None else [None] * A
+    # --data-backend auto is resolved by the driver (train.resolve_auto); unresolved here (LocalSession, a
+    # Tune trial) it means Ray Data.
     streams = [PackedStream(train_files, tokenizer, B, T, slot=my_slots[a], num_slots=S,
                             state=data_states[a], backend="inline" if cfg.data_backend == "inline" else "ray",
                             actors=cfg.data_actors)
