@@ -12,8 +12,8 @@ exp_avg + exp_avg_sq per param; Muon: one stacked momentum + factored second mom
 Part 1, the files (no Ray), per depth:
 - `save`: `state_dict()` + `raychat.checkpoint.save_rank_files` into a fresh local temp dir;
 - `upload`: the SYNC upload to local storage (Ray copies the directory: `shutil.copytree` here);
-- `restore`: `raychat.checkpoint.load_rank_files` (completeness check + torch.load of model and optimizer);
-- `copy` / `write`: `raychat.checkpoint.BackgroundWriter` with nothing else running: seconds to stage (copy
+- `restore`: `raychat.checkpoint.load_rank_state` (completeness check + torch.load of model and optimizer);
+- `copy` / `write`: `raychat.saver.BackgroundWriter` with nothing else running: seconds to stage (copy
   every tensor into host buffers: fresh ones, then the kept ones a second time) and to write the files.
 Before the background writer, the loop paused for save + upload (+ deleting the temp dir).
 
@@ -65,12 +65,12 @@ def reference_model(depth: int):
 
 def materialise(depth: int, device: str = "cpu"):
     """(model, optimizer) on `device` with a full optimizer state of MuonAdamW's shapes, every value zero."""
-    from raychat.optim import _muon_state_shapes
+    from raychat.optim import MuonAdamW, _muon_state_shapes
 
     model = reference_model(depth)
     model.to_empty(device=device)
     model.init_weights()  # the rotary tables, and on CUDA the bf16 embeddings, as in training
-    optimizer = model.setup_optimizer()
+    optimizer = MuonAdamW(model.optimizer_groups())
     for group in optimizer.param_groups:
         params = group["params"]
         if group["kind"] == "adamw":
@@ -101,6 +101,7 @@ def available_bytes() -> int:
 
 def bench_files(depth: int, scratch: str) -> dict:
     from raychat import checkpoint as ckpt_files
+    from raychat.saver import BackgroundWriter
 
     model, optimizer = materialise(depth)
     params = sum(p.numel() for p in model.parameters())
@@ -123,7 +124,7 @@ def bench_files(depth: int, scratch: str) -> dict:
     # needs a second copy of the state in memory: skip it where that would not fit.
     copy_fresh = copy = write = float("nan")
     if available_bytes() > 1.5 * nbytes:
-        writer = ckpt_files.BackgroundWriter()
+        writer = BackgroundWriter()
         for i in range(2):
             d2 = tempfile.mkdtemp(prefix="ckpt-bg-", dir=scratch)
             writer.submit(d2, 0, optim_state, [{"bench": True}], model_state=model_state,
@@ -136,7 +137,7 @@ def bench_files(depth: int, scratch: str) -> dict:
         del writer
     del model, optimizer, model_state, optim_state
     t0 = time.perf_counter()
-    loaded = ckpt_files.load_rank_files(dest, 0, "cpu")
+    loaded = ckpt_files.load_rank_state(dest, 0, 1, "cpu")
     restore = time.perf_counter() - t0
     del loaded
     shutil.rmtree(dest)
@@ -147,6 +148,7 @@ def bench_files(depth: int, scratch: str) -> dict:
 def bench_loop(depth: int, seq_len: int, scratch: str, device: str = "cpu", steps_before: int = 3) -> dict:
     """Part 2: the step loop around a checkpoint, in raychat/loop.py's order (see the module docstring)."""
     from raychat import checkpoint as ckpt_files
+    from raychat.saver import BackgroundWriter
 
     model, optimizer = materialise(depth, device)
     g = torch.Generator().manual_seed(0)
@@ -176,7 +178,7 @@ def bench_loop(depth: int, seq_len: int, scratch: str, device: str = "cpu", step
         model.zero_grad(set_to_none=False)  # keep the gradients' memory, as the next step needs it anyway
         return t2 - t0, t2 - t1
 
-    writer = ckpt_files.BackgroundWriter()
+    writer = BackgroundWriter()
     step(writer)  # allocates the gradients
     writer.reserve(optimizer.state_dict(), model.state_dict())  # as the loop does after its first step
     writer.wait()  # (in the loop this overlaps the next steps; here it would blur the baseline)

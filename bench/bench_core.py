@@ -1,6 +1,6 @@
 """A whole training step (forward + backward + MuonAdamW) of small GPTs: fp32 orthogonalisation (raychat's
-fallback on CPUs without native bf16 matmuls) against bf16 orthogonalisation (the reference's maths, §3.2
-QUIRK, and the default where bf16 is native), measured in one run.
+fallback on CPUs without native bf16 matmuls) against bf16 orthogonalisation (the reference's maths,
+docs/REFERENCE.md §5, and the default where bf16 is native), measured in one run.
 
 For each depth and each ortho dtype a fresh spawned process builds the model (seed 0), trains `--steps` steps
 on the same batches (tinyshakespeare bytes as tokens when ../shared/data has it, else seeded random tokens)
@@ -54,7 +54,7 @@ def run_config(args: dict, queue) -> None:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    # base_train's Muon weight decay at step 0: 0.2 × (12 / depth)² (spec §16 item 6)
+    # base_train's Muon weight decay at step 0: 0.2 × (12 / depth)² (docs/REFERENCE.md §2)
     opt = MuonAdamW(model.optimizer_groups(weight_decay=0.2 * (12 / depth) ** 2),
                     ortho_dtype=DTYPES[args["ortho"]])
     data = [b.to(device) for b in batches(args["steps"], args["batch"], args["seq_len"], args["vocab"])]

@@ -11,7 +11,7 @@ All but the last use `--data-backend inline`, so the only difference between `lo
 Runs are interleaved (local, ray1, local, ray1, ...) so machine-load drift hits both sides alike.
 
 Throughput comes from the step lines the loop prints (`dt` per step, measured around the step exactly as the
-reference does), over steps 11..N (the loop's own `total_training_time` window, spec §1.3 item 8: steps
+reference does), over steps 11..N (the loop's own `total_training_time` window, docs/REFERENCE.md §10: steps
 0-10 are compile warm-up). Printed: tokens/sec from the summed dt and from the median dt (robust to a load
 spike), the ratios ray1/local (target >= 0.98) and ray2/(2 x ray1) (scaling efficiency), and MFU where the
 loop can compute it (CUDA: the loop knows the GPU's peak; on CPU it prints 0).
@@ -138,7 +138,7 @@ def summarise(runs: list[dict], tokens_per_step: int) -> dict:
             "steps": len(dts)}
 
 
-# A GPU node's appetite for tokens (spec §14.3 order of magnitude; nanochat's d20/d24 speedrun logs on 8xH100):
+# A GPU node's appetite for tokens (order of magnitude, from nanochat's d20/d24 speedrun logs on 8xH100):
 # packed tokens per second per GPU, and tokens per micro-batch per GPU (B 32 x T 2048 at d20, B 16 at d24).
 GPU_NODE_MODEL = {"d20": (125_000, 32 * 2048), "d24": (75_000, 16 * 2048)}
 

@@ -4,7 +4,9 @@
         [--peer-python /tmp/nanochat-venv/bin/python] [--depths 4 6 8] [--steps 40] [--repeats 1] [--cold]
         [--layouts] [--local] [--dry-run]
 
-The peer's venv (../shared/peers/README.md): `python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip
+This benchmark runs the peer, which is not part of this repository: a nanochat 07c4dd4 checkout
+(`--nanochat-dir`; the default is ../shared/peers/nanochat-07c4dd4, where this project's workspace keeps it)
+and a venv for it: `python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip
 install torch==2.13.0 tiktoken rustbpe pyarrow numpy wandb requests filelock psutil tokenizers regex`.
 
 Each run is a fresh process with the flags a user would type: nanochat `python -m scripts.base_train

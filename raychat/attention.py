@@ -64,14 +64,14 @@ def current_attention_impl() -> str:
 
 def _use_fa3(q: torch.Tensor) -> bool:
     # FA3 runs only bf16 CUDA tensors; fp32 inputs (an eval without autocast, say) go to SDPA rather than
-    # crash. The reference passed them through; HEAD also restricts FA3 to bf16 (spec §17).
+    # crash. The reference passed them through; nanochat's later versions also restrict FA3 to bf16.
     return current_attention_impl() == "fa3" and q.is_cuda and q.dtype == torch.bfloat16
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Causal SDPA on (B, H, T, D) tensors. The last Tq keys are aligned with the Tq queries.
 
-    Three paths, as the reference (spec §4): the is_causal fast path when the window covers the whole
+    Three paths, as the reference (docs/REFERENCE.md §6): the is_causal fast path when the window covers the whole
     square; a single decoding query that just drops keys outside its window; an explicit boolean mask
     for everything else (sliding windows in training, chunked prefill into a cache).
     """
@@ -118,7 +118,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Writes k and v into the caches in place at position cache_seqlens[0] (the whole batch shares one
     position) and attends q over cache[:, :pos + Tnew]. It does not advance the position: the caller
-    does, once per forward pass, after the last layer (spec §11).
+    does, once per forward pass, after the last layer (raychat.engine).
     """
     if _use_fa3(q):
         return _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,

@@ -1,11 +1,12 @@
 """Checkpoint files: what a training checkpoint holds, how it is written, checked and read.
 
-One checkpoint is one directory (Ray Train uploads it to `{storage}/{run_name}/step_{step:06d}/`):
+One checkpoint is one directory, `{storage}/{run_name}/step_{step:06d}/` (each rank copies its own files
+there, raychat.saver):
 
     model.pt             rank 0: the model state dict (the reference's keys and dtypes, no `_orig_mod.`)
-    meta.json            rank 0: step, configs, loop state, metrics history, world layout (spec §9 + more)
-    optim_rank{r}.pt     every rank: its optimizer shard (spec §3.4; `load_rank_files` reshards them all
-                         for another world size)
+    meta.json            rank 0: step, configs, loop state, metrics history, world layout
+    optim_rank{r}.pt     every rank: its optimizer state (DistMuonAdamW's shard; `load_rank_state` lays the
+                         shards out anew for another world size)
     data_rank{r}.json    every rank: the exact state of each data slot it owns (raychat.data.stream), in
                          slot order; all ranks' lists concatenated are slots 0 .. num_slots - 1
     done_rank{r}.json    every rank, written last: the byte size and CRC-32 of each file that rank wrote
@@ -19,14 +20,12 @@ Everything is read with `torch.load(weights_only=True)`: loading a checkpoint ne
 nanochat's own layout (`model_{step:06d}.pt`, `meta_{step:06d}.json`, `optim_{step:06d}_rank{r}.pt`) is
 written by `export_nanochat` and read by `load_nanochat_model`.
 """
-import copy
 import glob
 import json
 import os
 import re
-import threading
-import time
 import zlib
+from dataclasses import dataclass
 
 import torch
 
@@ -75,151 +74,6 @@ def file_crc32(path: str) -> int:
         while chunk := f.read(16 << 20):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def _map_tensors(obj, fn, other=lambda v: v):
-    """`obj` (nested dicts, lists, tuples) with `fn` applied to each tensor, in a fixed traversal order, and
-    `other` to every other leaf."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn, other) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn, other) for v in obj)
-    return other(obj)
-
-
-def _detach(obj):
-    """A copy of a state's containers and plain values, taken now; its tensors are still the live ones."""
-    return _map_tensors(obj, torch.Tensor.detach, copy.deepcopy)
-
-
-def _tensors(obj) -> list:
-    found = []
-    _map_tensors(obj, found.append)
-    return found
-
-
-class BackgroundWriter:
-    """Writes a checkpoint on a thread, so that the training loop does not wait for it.
-
-    `submit` copies the state's small parts and returns; the thread first *stages* the tensors (copies them
-    into host buffers; from a GPU, a device-to-host copy into pinned memory on its own CUDA stream) and then
-    writes the files. Until staging ends the live tensors must not change: the loop calls `wait_staged()` right
-    before `optimizer.step()`, so staging overlaps the next forward and backward (which read the weights but do
-    not write them) and the loop only waits if staging takes longer. `done()` says whether the files are written
-    (the loop reports the checkpoint to Ray only then), `wait()` joins the thread and re-raises its error.
-    One checkpoint at a time: `submit` first waits for the previous one.
-
-    The host buffers are kept from one checkpoint to the next, and `reserve` allocates them ahead, on the
-    thread: copying into memory already mapped is several times faster than into fresh pages (BENCHMARKS.md:
-    d20's 9.2 GB copy on this CPU VM), at the price of holding a second copy of the state."""
-
-    def __init__(self):
-        self._thread = None
-        self._staged = threading.Event()
-        self._staged.set()
-        self._error = None
-        self._buffers = []
-        self.timings = {}  # the last checkpoint's seconds from submit to staged and to written
-        self.written_bytes = 0  # the last checkpoint's size on this rank
-
-    def reserve(self, optim_state: dict, model_state: dict | None = None) -> None:
-        """Allocate (and fault in) host buffers for a later `submit` of a state shaped like this one."""
-        self.wait()
-        tensors = _tensors((optim_state, model_state))
-        self._start(lambda: self._buffers_for(tensors))
-
-    def submit(self, directory: str, rank: int, optim_state: dict, data_state, model_state: dict | None = None,
-               meta: dict | None = None, then=None, copy: bool = True) -> None:
-        """`then()`, if given, runs on the thread once the files are written (to persist them to storage).
-        copy=False writes the live tensors themselves (a GPU's through a plain device-to-host copy): for a state
-        that nothing changes any more, the run's last checkpoint, so no second copy of it is held in memory."""
-        self.wait()
-        # The tensors' order here matches reserve()'s: optimizer, then model (data and meta hold none).
-        state = (_detach(optim_state), _detach(data_state), _detach(model_state), _detach(meta))
-        live = _tensors(state)
-        device = next((t.device for t in live if t.is_cuda), None)
-        ready = None
-        if device is not None:  # the staging stream must wait for the kernels that produced the tensors
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(device))
-        self._staged = staged = threading.Event()
-        self.timings = timings = {}
-        t0 = time.perf_counter()
-
-        def stage():
-            if not copy:
-                return _map_tensors(state, lambda t: t.cpu())
-            buffers = iter(self._buffers_for(live))
-            return _map_tensors(state, lambda t: next(buffers).copy_(t, non_blocking=t.is_cuda))
-
-        def run():
-            try:
-                if device is None:
-                    snapshot = stage()
-                else:
-                    stream = torch.cuda.Stream(device=device)
-                    stream.wait_event(ready)
-                    with torch.cuda.stream(stream):
-                        snapshot = stage()
-                    stream.synchronize()
-                timings["staged"] = time.perf_counter() - t0
-            finally:
-                staged.set()
-            optim, data, model, meta_ = snapshot
-            self.written_bytes = save_rank_files(directory, rank, optim, data, model_state=model, meta=meta_)
-            if then is not None:
-                then()
-            timings["written"] = time.perf_counter() - t0
-
-        self._start(run)
-
-    def _buffers_for(self, tensors: list) -> list:
-        """Host buffers for copies of `tensors`: the kept ones if they fit, else new ones (pinned for CUDA
-        tensors), zero-filled so that their pages are mapped now rather than during a copy."""
-        specs = [(t.shape, t.dtype, t.is_cuda) for t in tensors]
-        if [(b.shape, b.dtype, b.is_pinned()) for b in self._buffers] != specs:
-            self._buffers = []  # free the old ones first
-            self._buffers = [torch.zeros(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in specs]
-        return self._buffers
-
-    def _start(self, work) -> None:
-        # A new thread starts on CUDA device 0: keep the writer on this rank's GPU (Ray shares
-        # CUDA_VISIBLE_DEVICES between the workers of a node, so device 0 is another rank's).
-        device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
-
-        def run():
-            try:
-                if device is not None:
-                    torch.cuda.set_device(device)
-                work()
-            except BaseException as e:  # surfaced on the training thread by wait_staged() or wait()
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="raychat-checkpoint-writer", daemon=True)
-        self._thread.start()
-
-    def wait_staged(self) -> None:
-        """Block until the state is copied (the live tensors may change after this); raise a staging error.
-        An error while writing or persisting the files is left for `wait()` (the loop decides what it means)."""
-        self._staged.wait()
-        if "staged" not in self.timings:
-            self._raise()
-
-    def done(self) -> bool:
-        return self._thread is None or not self._thread.is_alive()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"writing the checkpoint failed: {error}") from error
 
 
 def read_meta(directory: str) -> dict:
@@ -274,40 +128,57 @@ def saved_num_slots(meta: dict) -> int:
     return meta.get("num_slots") or meta.get("world_size", 1) * meta.get("grad_accum_steps", 1)
 
 
-def load_rank_files(directory: str, rank: int, device,
-                    world_size: int | None = None) -> tuple[dict, object, dict, list]:
-    """(model_state, optim_state, meta, data_state) for rank `rank` of `world_size` (None: the writer's). Raises
-    with the reason if incomplete.
+@dataclass
+class RankState:
+    """What one rank resumes from a checkpoint, already laid out for the current world size."""
+    model: dict  # the model's state dict
+    optimizer: dict  # this rank's optimizer state dict (a shard of DistMuonAdamW, or MuonAdamW's whole state)
+    meta: dict
+    data: list  # the state of each data slot this rank owns, in slot order
 
-    When `world_size` differs from the one that wrote the checkpoint (a rerun with another --num-workers, an
-    elastic resize), every rank's files are read: `optim_state` is then the list of all the writer's optimizer
-    shards, which `MuonAdamW.load_state_dict` reshards to this rank (raychat.optim.reshard), and `data_state`
-    is the states of the slots this rank now owns (raychat.common.slot_range), cut from all ranks' slots."""
+
+def load_rank_state(directory: str, rank: int, world_size: int, device, param_shapes: list[tuple] | None = None,
+                    model_config: dict | None = None, num_slots: int | None = None) -> RankState:
+    """Rank `rank` of `world_size`'s state from a complete checkpoint (raises with the reason otherwise). With
+    `model_config` and `num_slots` (the training loop's), a checkpoint of another model or data layout is
+    refused before any tensor is read (`check_compatible`).
+
+    A checkpoint written by another world size (a rerun with another --num-workers, an elastic resize) is
+    laid out anew: every rank's optimizer shard is read and this rank's cut from their union
+    (raychat.optim.reshard; `param_shapes` is the optimizer's `param_shapes()`), and the data slots this rank
+    now owns (raychat.common.slot_range) are taken from all ranks' slot states."""
+    from raychat.common import slot_range
+    from raychat.optim import reshard
+
     problem = check_complete(directory)
     if problem is not None:
         raise RuntimeError(f"checkpoint {directory} is incomplete: {problem}")
     meta = read_meta(directory)
+    if model_config is not None:
+        check_compatible(meta, model_config, num_slots, directory)
     saved_world = meta.get("world_size", 1)
     model_state = torch.load(os.path.join(directory, MODEL_FILE), map_location=device, weights_only=True)
+
+    def optimizer_of(r, where):
+        return torch.load(os.path.join(directory, f"optim_rank{r}.pt"), map_location=where, weights_only=True)
 
     def data_of(r):
         with open(os.path.join(directory, f"data_rank{r}.json")) as f:
             return json.load(f)
 
-    if world_size is None or world_size == saved_world:
-        optim_state = torch.load(os.path.join(directory, f"optim_rank{rank}.pt"), map_location=device,
-                                 weights_only=True)
-        return model_state, optim_state, meta, data_of(rank)
-    from raychat.common import slot_range
-
+    if world_size == saved_world:
+        return RankState(model_state, optimizer_of(rank, device), meta, data_of(rank))
+    if param_shapes is None:
+        raise ValueError(f"checkpoint {directory} was written by {saved_world} rank(s): laying it out for "
+                         f"{world_size} needs the optimizer's param_shapes()")
     # On the CPU: the full state exists only while this rank's shard is cut from it.
-    optim_state = [torch.load(os.path.join(directory, f"optim_rank{r}.pt"), map_location="cpu", weights_only=True)
-                   for r in range(saved_world)]
+    shards = [optimizer_of(r, "cpu") for r in range(saved_world)]
     slots = [slot for r in range(saved_world) for slot in data_of(r)]
     if len(slots) != saved_num_slots(meta):
         raise ValueError(f"checkpoint {directory} holds {len(slots)} data slot states, its meta.json says "
                          f"{saved_num_slots(meta)}: the checkpoint is damaged")
-    return model_state, optim_state, meta, [slots[s] for s in slot_range(rank, world_size, len(slots))]
+    return RankState(model_state, reshard(shards, param_shapes, rank, world_size), meta,
+                     [slots[s] for s in slot_range(rank, world_size, len(slots))])
 
 
 def check_compatible(meta: dict, model_config: dict, num_slots: int, where: str) -> None:
@@ -326,7 +197,7 @@ def check_compatible(meta: dict, model_config: dict, num_slots: int, where: str)
 
 
 # ----------------------------------------------------------------------------------------------------
-# nanochat's layout (spec §9), for interchange in both directions
+# nanochat's layout (model_XXXXXX.pt, meta_XXXXXX.json), for interchange in both directions
 
 
 def export_nanochat(out_dir: str, step: int, model_state: dict, meta: dict) -> list[str]:

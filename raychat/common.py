@@ -9,6 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from raychat import storage
+
 
 def get_base_dir(base_dir: str | None = None, create: bool = True) -> str:
     """Where shards, the tokenizer and checkpoints live: `RAYCHAT_BASE_DIR`, else ~/.cache/raychat.
@@ -18,8 +20,8 @@ def get_base_dir(base_dir: str | None = None, create: bool = True) -> str:
     """
     if base_dir is None:
         base_dir = os.environ.get("RAYCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "raychat")
-    if "://" not in base_dir:
-        base_dir = os.path.abspath(os.path.expanduser(base_dir))
+    if not storage.is_remote(base_dir):
+        base_dir = storage.absolute(base_dir)
         if create:
             os.makedirs(base_dir, exist_ok=True)
     return base_dir
@@ -73,7 +75,7 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-# Peak dense bf16 FLOP/s by device name (spec §12.3). Every substring of a pattern must be present in the
+# Peak dense bf16 FLOP/s by device name. Every substring of a pattern must be present in the
 # lower-cased device name; the first matching row wins.
 _PEAK_FLOPS = [
     (("gb200",), 2.5e15), (("grace blackwell",), 2.5e15), (("b200",), 2.25e15), (("b100",), 1.8e15),
@@ -112,3 +114,17 @@ def run_cli(main) -> int:
 def available_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one, else the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def all_reduce_value(value: float, device, op) -> float:
+    """`value` all-reduced over the ranks with `op` (a dist.ReduceOp); every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if `flag` holds on any rank; every rank must call it."""
+    return bool(all_reduce_value(float(flag), device, dist.ReduceOp.MAX))

@@ -1,9 +1,11 @@
-"""One configuration object for training, evaluation and sweeps, built from the command line.
+"""The one configuration object of training, evaluation and sweeps: its flags, their parsing, what they derive.
 
-`TrainConfig` holds every flag of nanochat's base_train with the same name, default and meaning (spec §1),
-plus the Ray flags. `derive()` computes the derived quantities of spec §1.1 once, in the reference's order,
-and returns them with the lines the reference prints. Both the driver (to fail before the cluster does any
-work) and every worker (to build the same model) call it.
+`TrainConfig` holds every flag of nanochat's base_train with the same name, default and meaning, plus the Ray
+flags; each field declared with `flag` is a command-line flag, its help text beside its default. `coerce` turns a
+command-line string or a sweep file's YAML value into a field's type (`build_parser` and `raychat.sweep_config`
+both use it). `derive()` computes the derived quantities (model shape, batch split, LR scaling, horizon) once,
+in the reference's order, and returns them with the lines the reference prints. Both the driver (to fail before
+the cluster does any work) and every worker (to build the same model) call it.
 """
 import argparse
 import dataclasses
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 # Fault-injection kinds for the reliability tests (docs/RELIABILITY.md, raychat.loop._inject_failure).
 DEBUG_FAIL_KINDS = ("exit", "kill", "kill-in-checkpoint", "nan")
 
-# The batch size (tokens) at which the reference tuned its learning rates (spec §1.1 item 8).
+# The batch size (tokens) at which the reference tuned its learning rates: other batches scale them by sqrt.
 REFERENCE_BATCH = 2**19
 
 # The settings that define a run's trajectory (model, horizon, batch, optimizer, schedules, data): a resumed
@@ -32,66 +34,92 @@ TRAJECTORY_SETTINGS = (
 )
 
 
+def flag(default, help: str):
+    """A TrainConfig field that is a command-line flag (`--name-with-dashes`), its help text beside its default."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    # --- nanochat base_train flags (spec §1), same names, defaults and meaning ---
-    run: str = "dummy"  # wandb run name; 'dummy' disables wandb
-    device_type: str = ""  # cuda|cpu|mps; empty = autodetect
-    depth: int = 20
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    max_seq_len: int = 2048
-    window_pattern: str = "SSSL"
-    num_iterations: int = -1
-    target_flops: float = -1.0
-    target_param_data_ratio: float = 10.5
-    device_batch_size: int = 32
-    total_batch_size: int = 524288
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.004
-    weight_decay: float = 0.2
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.5
-    final_lr_frac: float = 0.0
-    resume_from_step: int = -1
-    eval_every: int = 250
-    eval_tokens: int = 20 * 524288
-    core_metric_every: int = 2000
-    core_metric_max_per_task: int = 500
-    sample_every: int = 2000
-    save_every: int = -1
-    model_tag: str | None = None
+    # --- nanochat base_train flags: same names, defaults and meaning ---
+    run: str = flag("dummy", "wandb run name ('dummy' disables wandb logging)")
+    device_type: str = flag("", "cuda|cpu|mps (empty = autodetect)")
+    depth: int = flag(20, "depth of the Transformer model")
+    aspect_ratio: int = flag(64, "model_dim = depth * aspect_ratio")
+    head_dim: int = flag(128, "target head dimension for attention")
+    max_seq_len: int = flag(2048, "max context length")
+    window_pattern: str = flag("SSSL", "sliding window pattern tiled across layers: L=full, S=half context "
+                                       "(e.g. 'SSL')")
+    num_iterations: int = flag(-1, "explicit number of optimization steps (-1 = disable)")
+    target_flops: float = flag(-1.0, "calculate num_iterations to reach target_flops (-1 = disable)")
+    target_param_data_ratio: float = flag(10.5, "calculate num_iterations to maintain data:param ratio (-1 = disable)")
+    device_batch_size: int = flag(32, "per-device batch size (rows)")
+    total_batch_size: int = flag(524288, "total batch size in tokens")
+    embedding_lr: float = flag(0.3, "learning rate for embedding parameters (Adam)")
+    unembedding_lr: float = flag(0.004, "learning rate for unembedding parameters (Adam)")
+    weight_decay: float = flag(0.2, "cautious weight decay for the Muon optimizer (for weights), quoted at depth 12")
+    matrix_lr: float = flag(0.02, "learning rate for matrix parameters (Muon)")
+    scalar_lr: float = flag(0.5, "learning rate for scalars (resid_lambdas, x0_lambdas)")
+    adam_beta1: float = flag(0.8, "Adam beta1 for embedding/unembedding")
+    adam_beta2: float = flag(0.95, "Adam beta2 for embedding/unembedding")
+    warmup_ratio: float = flag(0.0, "ratio of iterations for LR warmup")
+    warmdown_ratio: float = flag(0.5, "ratio of iterations for LR warmdown")
+    final_lr_frac: float = flag(0.0, "final LR as fraction of initial LR")
+    resume_from_step: int = flag(-1, "resume training from this checkpoint step (-1 = latest checkpoint of --run-name)")
+    eval_every: int = flag(250, "evaluate val bpb every N steps (-1 = disable)")
+    eval_tokens: int = flag(20 * 524288, "number of tokens to evaluate val loss on")
+    core_metric_every: int = flag(2000, "evaluate CORE metric every N steps (-1 = disable)")
+    core_metric_max_per_task: int = flag(500, "examples per task for CORE metric (-1 = all)")
+    sample_every: int = flag(2000, "sample from model every N steps (-1 = disable)")
+    save_every: int = flag(-1, "save checkpoints every N steps (-1 = only at end)")
+    model_tag: str | None = flag(None, "override model tag for checkpoint directory name (default d<depth>)")
     # --- Ray ---
-    num_workers: int = 1  # with --num-workers MIN:MAX, the most workers (an elastic run)
-    min_workers: int | None = None  # elastic runs only: the MIN of --num-workers MIN:MAX (not a flag of its own)
-    use_gpu: str = "auto"  # auto|true|false
-    cpus_per_worker: float = 0.0  # 0 = auto: a local Ray's CPUs / workers, 1 on a cluster (raychat.train)
-    storage_path: str | None = None  # default <base>/runs; s3:// and gs:// work
-    run_name: str | None = None  # a run's identity: the same name resumes it
-    max_failures: int = 3
-    keep_checkpoints: int | None = None  # None keeps all
+    num_workers: int = flag(1, "Ray Train workers (one per GPU, or CPU processes); MIN:MAX (e.g. 4:8) makes the run "
+                               "elastic: it starts with as many as fit, shrinks when nodes go (down to MIN) and grows "
+                               "back when they return, resuming exactly from the newest checkpoint at each resize "
+                               "(docs/ARCHITECTURE.md)")
+    min_workers: int | None = None  # not a flag: the MIN of --num-workers MIN:MAX in an elastic run (parse_args)
+    use_gpu: str = flag("auto", "auto|true|false: train on GPUs (auto = when the cluster has any)")
+    cpus_per_worker: float = flag(0.0, "CPUs reserved for each training worker, and its torch threads (0 = auto: the "
+                                       "local machine's CPUs / --num-workers when raychat starts its own Ray, 1 on a "
+                                       "cluster)")
+    storage_path: str | None = flag(None, "where checkpoints and reports go: a local dir, s3://, gs:// "
+                                          "(default <base>/runs)")
+    run_name: str | None = flag(None, "the run's identity: rerunning with the same name resumes it "
+                                      "(default <tag>-<timestamp>)")
+    max_failures: int = flag(3, "worker/node failures to recover from automatically (-1 = unlimited)")
+    keep_checkpoints: int | None = flag(None, "keep only the newest N checkpoints (default: all)")
     # --- where things live ---
-    base_dir: str | None = None  # default $RAYCHAT_BASE_DIR or ~/.cache/raychat
-    data_dir: str | None = None  # default <base>/base_data; s3://, gs:// and mounted paths work
-    tokenizer_dir: str | None = None  # default <base>/tokenizer
+    base_dir: str | None = flag(None, "base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)")
+    data_dir: str | None = flag(None, "shard directory (default <base>/base_data; s3://, gs:// work)")
+    tokenizer_dir: str | None = flag(None, "tokenizer directory (default <base>/tokenizer)")
     # --- data stream ---
-    data_backend: str = "auto"  # ray (Ray Data actor pool) | inline (in the worker process) | auto (train.py)
-    data_actors: int = 1  # tokenizer actors per data slot
+    data_backend: str = flag("auto", "ray: tokenize in a Ray Data actor pool; inline: in the training worker; auto: "
+                                     "inline when raychat starts its own Ray and the workers take every CPU (nothing "
+                                     "to spare for actors), else ray. The batches are the same either way")
+    data_actors: int = flag(1, "Ray Data tokenizer actors per data slot")
     # --- extras beyond the reference ---
-    init_from_nanochat: str | None = None  # a nanochat base checkpoint directory to start from
-    nan_policy: str = "stop"  # stop|skip: what a non-finite loss does
-    compile: str = "auto"  # auto|true|false: torch.compile the model and the optimizer kernels (loop.use_compile)
-    ortho_dtype: str = "auto"  # auto|bf16|fp32: Muon's Polar Express dtype (auto: raychat.optim.default_ortho_dtype)
-    allow_changed: str = ""  # comma-separated settings a resumed run may change (TRAJECTORY_SETTINGS)
-    profile: bool = False  # write a torch profiler trace of a few steps
-    dry_run: bool = False  # validate, print the plan, exit before any work
-    debug_fail_at_step: int = -1  # fault injection for tests (docs/RELIABILITY.md): the step
-    debug_fail_kind: str = "exit"  # exit|kill|kill-in-checkpoint|nan: what happens at that step
-    debug_fail_rank: int = 0  # the rank it happens on
+    init_from_nanochat: str | None = flag(None, "initialise the model from a nanochat base checkpoint directory")
+    nan_policy: str = flag("stop", "stop|skip: on a non-finite loss, stop naming the step, or skip that update")
+    compile: str = flag("auto", "auto|true|false: torch.compile the model and the optimizer kernels (auto = on CUDA, "
+                                "and on CPU when a micro-batch's forward+backward is at least 20 GFLOP, i.e. d4 at B 8 "
+                                "x T 256 and up: the first run compiles for ~100 s, later runs read the inductor cache "
+                                "in seconds)")
+    ortho_dtype: str = flag("auto", "auto|bf16|fp32: dtype of Muon's Polar Express (auto = the reference's bf16 where "
+                                    "bf16 matmuls are native: CUDA, CPUs with avx512_bf16/AMX/ARM bf16; fp32 where "
+                                    "they are emulated)")
+    allow_changed: str = flag("", "on resume, settings that may differ from the run's (e.g. matrix_lr,num_iterations); "
+                                  "any other changed training setting is refused. The change and its step go into the "
+                                  "run's history")
+    profile: bool = flag(False, "write a PyTorch profiler trace of a few steps into the run directory")
+    dry_run: bool = flag(False, "validate flags and data, print the plan, and exit without training")
+    # --- debug: fault injection for the reliability tests (docs/RELIABILITY.md) ---
+    debug_fail_at_step: int = flag(-1, "testing only: inject a fault (--debug-fail-kind) at this step")
+    debug_fail_kind: str = flag("exit", "testing only: exit = os._exit(1) at the start of the step; kill = SIGKILL "
+                                        "between backward and optimizer step; kill-in-checkpoint = SIGKILL after "
+                                        "writing the step's checkpoint files locally, before they are persisted; "
+                                        "nan = that step's loss becomes NaN (every run)")
+    debug_fail_rank: int = flag(0, "testing only: the rank the fault happens on")
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -142,10 +170,10 @@ class TrainConfig:
     def resolve_paths(self) -> "TrainConfig":
         """Absolute paths and URIs resolved on the driver: Ray workers chdir into their run directory."""
         from raychat.common import get_base_dir
+        from raychat.storage import absolute
 
         # Only names it: whatever is written there creates its own directory, and a dry run creates none.
         base = get_base_dir(self.base_dir, create=False)
-        absolute = lambda p: p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))  # noqa: E731
         return dataclasses.replace(
             self,
             base_dir=base,
@@ -191,97 +219,84 @@ def describe_changes(changes: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
-_HELP = {
-    "run": "wandb run name ('dummy' disables wandb logging)",
-    "device_type": "cuda|cpu|mps (empty = autodetect)",
-    "depth": "depth of the Transformer model",
-    "aspect_ratio": "model_dim = depth * aspect_ratio",
-    "head_dim": "target head dimension for attention",
-    "max_seq_len": "max context length",
-    "window_pattern": "sliding window pattern tiled across layers: L=full, S=half context (e.g. 'SSL')",
-    "num_iterations": "explicit number of optimization steps (-1 = disable)",
-    "target_flops": "calculate num_iterations to reach target_flops (-1 = disable)",
-    "target_param_data_ratio": "calculate num_iterations to maintain data:param ratio (-1 = disable)",
-    "device_batch_size": "per-device batch size (rows)",
-    "total_batch_size": "total batch size in tokens",
-    "embedding_lr": "learning rate for embedding parameters (Adam)",
-    "unembedding_lr": "learning rate for unembedding parameters (Adam)",
-    "weight_decay": "cautious weight decay for the Muon optimizer (for weights), quoted at depth 12",
-    "matrix_lr": "learning rate for matrix parameters (Muon)",
-    "scalar_lr": "learning rate for scalars (resid_lambdas, x0_lambdas)",
-    "adam_beta1": "Adam beta1 for embedding/unembedding",
-    "adam_beta2": "Adam beta2 for embedding/unembedding",
-    "warmup_ratio": "ratio of iterations for LR warmup",
-    "warmdown_ratio": "ratio of iterations for LR warmdown",
-    "final_lr_frac": "final LR as fraction of initial LR",
-    "resume_from_step": "resume training from this checkpoint step (-1 = latest checkpoint of --run-name)",
-    "eval_every": "evaluate val bpb every N steps (-1 = disable)",
-    "eval_tokens": "number of tokens to evaluate val loss on",
-    "core_metric_every": "evaluate CORE metric every N steps (-1 = disable)",
-    "core_metric_max_per_task": "examples per task for CORE metric (-1 = all)",
-    "sample_every": "sample from model every N steps (-1 = disable)",
-    "save_every": "save checkpoints every N steps (-1 = only at end)",
-    "model_tag": "override model tag for checkpoint directory name (default d<depth>)",
-    "num_workers": "Ray Train workers (one per GPU, or CPU processes); MIN:MAX (e.g. 4:8) makes the run elastic: it "
-                   "starts with as many as fit, shrinks when nodes go (down to MIN) and grows back when they return, "
-                   "resuming exactly from the newest checkpoint at each resize (docs/ARCHITECTURE.md)",
-    "use_gpu": "auto|true|false: train on GPUs (auto = when the cluster has any)",
-    "cpus_per_worker": "CPUs reserved for each training worker, and its torch threads (0 = auto: the local "
-                       "machine's CPUs / --num-workers when raychat starts its own Ray, 1 on a cluster)",
-    "storage_path": "where checkpoints and reports go: a local dir, s3://, gs:// (default <base>/runs)",
-    "run_name": "the run's identity: rerunning with the same name resumes it (default <tag>-<timestamp>)",
-    "max_failures": "worker/node failures to recover from automatically (-1 = unlimited)",
-    "keep_checkpoints": "keep only the newest N checkpoints (default: all)",
-    "base_dir": "base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)",
-    "data_dir": "shard directory (default <base>/base_data; s3://, gs:// work)",
-    "tokenizer_dir": "tokenizer directory (default <base>/tokenizer)",
-    "data_backend": "ray: tokenize in a Ray Data actor pool; inline: in the training worker; auto: inline when "
-                    "raychat starts its own Ray and the workers take every CPU (nothing to spare for actors), "
-                    "else ray. The batches are the same either way",
-    "data_actors": "Ray Data tokenizer actors per data slot",
-    "init_from_nanochat": "initialise the model from a nanochat base checkpoint directory",
-    "nan_policy": "stop|skip: on a non-finite loss, stop naming the step, or skip that update",
-    "compile": "auto|true|false: torch.compile the model and the optimizer kernels (auto = on CUDA, and on CPU "
-               "when a micro-batch's forward+backward is at least 20 GFLOP, i.e. d4 at B 8 x T 256 and up: the "
-               "first run compiles for ~100 s, later runs read the inductor cache in seconds)",
-    "ortho_dtype": "auto|bf16|fp32: dtype of Muon's Polar Express (auto = the reference's bf16 where bf16 matmuls "
-                   "are native: CUDA, CPUs with avx512_bf16/AMX/ARM bf16; fp32 where they are emulated)",
-    "allow_changed": "on resume, settings that may differ from the run's (e.g. matrix_lr,num_iterations); any other "
-                     "changed training setting is refused. The change and its step go into the run's history",
-    "profile": "write a PyTorch profiler trace of a few steps into the run directory",
-    "dry_run": "validate flags and data, print the plan, and exit without training",
-    "debug_fail_at_step": "testing only: inject a fault (--debug-fail-kind) at this step",
-    "debug_fail_kind": "testing only: exit = os._exit(1) at the start of the step; kill = SIGKILL between backward "
-                       "and optimizer step; kill-in-checkpoint = SIGKILL after writing the step's checkpoint files "
-                       "locally, before they are persisted; nan = that step's loss becomes NaN (every run)",
-    "debug_fail_rank": "testing only: the rank the fault happens on",
-}
+def _is_flag(f: dataclasses.Field) -> bool:
+    """Whether a TrainConfig field is a command-line flag (declared with `flag`); min_workers is not."""
+    return "help" in f.metadata
 
 
-def _parse_optional_int(s: str):
-    return None if s.lower() in ("none", "") else int(s)
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(name: str, value):
+    """`value` as the type of setting `name`, from a command-line string or a value read from YAML.
+
+    The one conversion of the command line (argparse's `type=`) and of sweep files. Strings are read as the
+    command line reads them; YAML's typed values must already be of the field's kind (a YAML bool is not an
+    int). Raises ValueError saying what the value must be.
+    """
+    kind = _FIELDS[name].type
+    if value is None and kind in (int | None, str | None):
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} must be true or false")
+        return value
+    if kind in (int, int | None):
+        if isinstance(value, str):
+            if kind is not int and value.lower() in ("none", ""):  # --keep-checkpoints none
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{value!r} must be an integer (--{name.replace('_', '-')} is an int flag)")
+    if kind is float:
+        number = as_number(value)
+        if number is None:
+            raise ValueError(f"{value!r} must be a number (--{name.replace('_', '-')} is a float flag)")
+        return number
+    if isinstance(value, (bool, dict, list)) or value is None:
+        raise ValueError(f"{value!r} must be a string")
+    return str(value)
+
+
+def as_number(value) -> float | None:
+    """A number, or a string that reads as one, as a float; None for anything else (a bool is not a number).
+    Strings count because YAML 1.1 reads `1e-3` (no dot) as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def build_parser(description: str = "Pretrain a raychat (nanochat) base model on Ray Train") -> argparse.ArgumentParser:
     from raychat.common import cli_parser
 
     parser = cli_parser("raychat.train", description)
-    kinds = {int: int, float: float, str: str, str | None: str, int | None: _parse_optional_int}
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in _NOT_FLAGS:
-            continue
-        if f.name == "num_workers":
-            parser.add_argument(flag, type=_parse_workers, default=f.default, help=_HELP[f.name])
-        elif f.type is bool:
-            parser.add_argument(flag, action="store_true", help=_HELP[f.name])
+    for f in filter(_is_flag, dataclasses.fields(TrainConfig)):
+        option = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(option, action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=kinds[f.type], default=f.default, help=_HELP[f.name])
+            kind = _parse_workers if f.name == "num_workers" else _argparse_type(f)
+            parser.add_argument(option, type=kind, default=f.default, help=f.metadata["help"])
     return parser
 
 
-# Settings filled from another flag's value rather than a flag of their own.
-_NOT_FLAGS = {"min_workers"}
+def _argparse_type(f: dataclasses.Field):
+    """`coerce` for one flag, named for its kind so that argparse reports `invalid int value: 'x'`."""
+    def parse(text: str):
+        return coerce(f.name, text)
+    parse.__name__ = {int: "int", int | None: "int", float: "float"}.get(f.type, "str")
+    return parse
 
 
 def _parse_workers(s: str):
@@ -304,7 +319,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Derived quantities (spec §1.1), computed once, with the lines the reference prints
+# Derived quantities, computed once, with the lines the reference prints
 
 
 @dataclass

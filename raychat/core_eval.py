@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raychat import storage
 from raychat.common import dist_info, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -105,7 +106,7 @@ def download_eval_bundle(base_dir: str | None = None, url: str = EVAL_BUNDLE_URL
     from tqdm import tqdm
 
     base_dir = get_base_dir(base_dir)
-    if "://" in base_dir:
+    if storage.is_remote(base_dir):
         raise ValueError(f"the eval bundle needs a local base dir, got {base_dir!r}; set RAYCHAT_BASE_DIR to a "
                          "local path on the evaluating node")
     bundle_dir = os.path.join(base_dir, "eval_bundle")

@@ -1,4 +1,4 @@
-"""KV-cached sampling from a GPT (spec §11), as base_train uses it: greedy samples of a few tokens.
+"""KV-cached sampling from a GPT (docs/REFERENCE.md §9), as base_train uses it: greedy samples of a few tokens.
 
 The reference's engine also runs a python-tool state machine (calculator calls forced into the stream,
 with mask 0). That belongs to chat fine-tuning, not pretraining, so it is left out: every generated token

@@ -4,11 +4,12 @@
     python -m raychat.eval --checkpoint DIR                        # one raychat checkpoint directory
     python -m raychat.eval --nanochat DIR [--step N]               # a nanochat base_checkpoints/<tag> dir
 
-It measures CORE (spec §10.2), bits per byte on the train and val splits (§10.1) and draws samples (the
+It measures CORE, bits per byte on the train and val splits and draws samples (the
 seven greedy prompts plus unconditioned samples at temperature 1), on `--num-workers` Ray Train workers that
 split the examples and reduce the results. Results go beside the checkpoint as eval.json and eval.md.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from contextlib import nullcontext
 import torch
 
 from raychat import checkpoint as ckpt_files
+from raychat import runs, storage
 from raychat.common import autodetect_device_type, cli_parser, get_base_dir
 
 EVALS = ("core", "bpb", "sample")
@@ -66,45 +68,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.storage_path = args.storage_path or os.path.join(base, "runs")
     for name in ("data_dir", "tokenizer_dir", "storage_path", "checkpoint", "nanochat", "out_dir"):
         value = getattr(args, name)
-        if value and "://" not in value and not args.dry_run:
-            setattr(args, name, os.path.abspath(value))
+        if not args.dry_run:
+            setattr(args, name, storage.absolute(value))
     return args
 
 
-def check_run_exists(storage_path: str, run_name: str) -> str:
-    """The run's directory; a missing one raises naming the runs that are there (a run written under another
-    --base-dir, such as the quickstart's, is the usual cause)."""
-    run_dir = os.path.join(storage_path, run_name)
-    if "://" in storage_path or os.path.isdir(run_dir):
-        return run_dir
-    runs = sorted(d for d in os.listdir(storage_path) if os.path.isdir(os.path.join(storage_path, d))) \
-        if os.path.isdir(storage_path) else []
-    found = f"the runs there: {', '.join(runs)}" if runs else "it holds no runs"
-    raise FileNotFoundError(f"no run named {run_name} under {storage_path} ({found}); pass the --base-dir or "
-                            "--storage-path the run was trained with (the quickstart's is "
-                            "~/.cache/raychat/quickstart, and it prints the eval command for its run)")
-
-
-def resolve_checkpoint(args) -> tuple[str, str]:
-    """(kind, directory): 'raychat' with a step_XXXXXX directory or 'nanochat' with its directory."""
+@contextlib.contextmanager
+def open_checkpoint(args):
+    """(kind, path, local directory) of the checkpoint to evaluate: 'raychat' with a step_XXXXXX directory
+    (local, or a bucket's downloaded) or 'nanochat' with its directory."""
     if args.nanochat:
-        return "nanochat", args.nanochat
-    if args.checkpoint:
-        if (problem := ckpt_files.check_complete(args.checkpoint)) is not None:
-            raise ValueError(f"--checkpoint {args.checkpoint} cannot be used: {problem}; pick another checkpoint")
-        return "raychat", args.checkpoint
-    run_dir = check_run_exists(args.storage_path, args.run_name)
-    steps = ckpt_files.list_step_dirs(run_dir)
-    if args.step is not None:
-        steps = [(s, p) for s, p in steps if s == args.step]
-    for _, path in reversed(steps):
-        if (problem := ckpt_files.check_complete(path)) is None:
-            return "raychat", path
-        if args.step is not None:  # the step asked for, damaged: never an older one in its place
-            raise ValueError(f"--step {args.step}: checkpoint {path} cannot be used: {problem}; pick another step")
-        print(f"WARNING: skipping incomplete checkpoint {path}: {problem}", file=sys.stderr)
-    raise FileNotFoundError(f"no complete checkpoint{'' if args.step is None else f' at step {args.step}'} in "
-                            f"{run_dir}; list the run with `ls {run_dir}`")
+        yield "nanochat", args.nanochat, args.nanochat
+    elif args.checkpoint:
+        with storage.materialise(args.checkpoint) as d:
+            if (problem := ckpt_files.check_complete(d)) is not None:
+                raise ValueError(f"--checkpoint {args.checkpoint} cannot be used: {problem}; pick another checkpoint")
+            yield "raychat", args.checkpoint, d
+    else:
+        with runs.find_checkpoint(runs.find_run(args.storage_path, args.run_name), args.step) as found:
+            yield "raychat", found.path, found.local_dir
 
 
 def load_model(kind: str, directory: str, step, device):
@@ -141,8 +123,8 @@ def evaluate(args, session) -> dict:
     device_type = args.device_type or autodetect_device_type()
     device = session.device(device_type)
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-    kind, directory = resolve_checkpoint(args)
-    model, meta = load_model(kind, directory, args.step, device)
+    with open_checkpoint(args) as (kind, directory, local_dir):
+        model, meta = load_model(kind, local_dir, args.step, device)
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
     if tokenizer.get_vocab_size() != meta["model_config"]["vocab_size"]:
         raise ValueError(f"tokenizer {args.tokenizer_dir} has {tokenizer.get_vocab_size()} tokens but the model "
@@ -205,14 +187,13 @@ def evaluate(args, session) -> dict:
         md = write_results(results, out_dir)
         session.log(f"Wrote {os.path.join(out_dir, 'eval.json')} and eval.md")
         report = os.path.join(os.path.dirname(os.path.normpath(directory)), "report.md")
-        if kind == "raychat" and add_evaluation(report, md):
+        if kind == "raychat" and not storage.is_remote(directory) and add_evaluation(report, md):
             session.log(f"Added the evaluation to the run's report {report}")
     return results
 
 
 def write_results(results: dict, out_dir: str) -> str:
-    """eval.json and eval.md into out_dir; returns the markdown."""
-    os.makedirs(out_dir, exist_ok=True)
+    """eval.json and eval.md into out_dir (local, s3:// or gs://); returns the markdown."""
     md = [f"## Base model evaluation: {results['checkpoint']}", "", f"- step: {results['step']}"]
     if "core" in results:
         md += ["", "| Task | Accuracy | Centered |", "|---|---|---|"]
@@ -230,8 +211,13 @@ def write_results(results: dict, out_dir: str) -> str:
     for name, text in (("eval.json", json.dumps(results, indent=2)), ("eval.md", "\n".join(md) + "\n")):
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
-        shutil.move(os.path.join(tmp, name), os.path.join(out_dir, name))  # whole files only
-    os.rmdir(tmp)
+    if storage.is_remote(out_dir):
+        storage.copy_into(tmp, out_dir)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(tmp):
+            shutil.move(os.path.join(tmp, name), os.path.join(out_dir, name))  # whole files only
+    shutil.rmtree(tmp)
     return "\n".join(md) + "\n"
 
 
@@ -247,7 +233,8 @@ def main(argv=None) -> int:
         if args.dry_run:
             print("raychat.eval settings:", json.dumps(vars(args), indent=2))
             return 0
-        resolve_checkpoint(args)
+        with open_checkpoint(args):  # a missing or damaged checkpoint fails here, before any worker starts
+            pass
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -260,8 +247,9 @@ def main(argv=None) -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init() if os.environ.get("RAY_ADDRESS") else ray.init(num_cpus=max(os.cpu_count() or 1, args.num_workers))
+    from raychat import local_ray
+
+    local_ray.init(args.num_workers)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = args.use_gpu == "true" or (args.use_gpu == "auto" and gpus >= args.num_workers > 0 and gpus > 0)
     args.device_type = "cuda" if use_gpu else (args.device_type or "cpu")
@@ -270,7 +258,8 @@ def main(argv=None) -> int:
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"eval-{os.path.basename(args.checkpoint or args.nanochat or args.run_name)}",
                              storage_path=tempfile.mkdtemp(prefix="raychat-eval-"),
-                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}))
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        torch_config=local_ray.torch_config(timeout_s=1800))  # Ray Train's default timeout
     trainer.fit()
     return 0
 

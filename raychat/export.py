@@ -1,6 +1,6 @@
 """`python -m raychat.export --run-name X [--step N] --to-nanochat DIR`: a raychat model in nanochat's layout.
 
-Writes `DIR/model_{step:06d}.pt` and `DIR/meta_{step:06d}.json` (spec §9; same state-dict keys, shapes and
+Writes `DIR/model_{step:06d}.pt` and `DIR/meta_{step:06d}.json` (same state-dict keys, shapes and
 dtypes as nanochat's GPT) and the tokenizer as `DIR/tokenizer/{tokenizer.pkl,token_bytes.pt}`, so nanochat's
 own tools load the model (copy DIR to `$NANOCHAT_BASE_DIR/base_checkpoints/<tag>/` and the tokenizer to
 `$NANOCHAT_BASE_DIR/tokenizer/`). The reverse direction is `python -m raychat.train --init-from-nanochat DIR`.
@@ -12,8 +12,8 @@ import sys
 import torch
 
 from raychat import checkpoint as ckpt_files
+from raychat import runs
 from raychat.common import cli_parser, get_base_dir
-from raychat.eval import check_run_exists
 
 
 def main(argv=None) -> int:
@@ -31,27 +31,17 @@ def main(argv=None) -> int:
         print(f"would export run {args.run_name} step {args.step or 'newest'} to {args.to_nanochat}")
         return 0
     base = get_base_dir(args.base_dir, create=False)
+    tok_dir = args.tokenizer_dir or os.path.join(base, "tokenizer")
     try:
-        run_dir = check_run_exists(args.storage_path or os.path.join(base, "runs"), args.run_name)
-    except FileNotFoundError as e:
+        run_dir = runs.find_run(args.storage_path or os.path.join(base, "runs"), args.run_name)
+        with runs.find_checkpoint(run_dir, args.step) as found:  # the newest intact one, or --step's
+            state = torch.load(os.path.join(found.local_dir, ckpt_files.MODEL_FILE), map_location="cpu",
+                               weights_only=True)
+            meta = ckpt_files.read_meta(found.local_dir)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tok_dir = args.tokenizer_dir or os.path.join(base, "tokenizer")
-    candidates = [(s, d) for s, d in ckpt_files.list_step_dirs(run_dir) if args.step in (None, s)]
-    for step, directory in reversed(candidates):  # the newest intact one; an explicit --step or nothing
-        if (problem := ckpt_files.check_complete(directory)) is None:
-            break
-        if args.step is not None:
-            print(f"error: --step {args.step}: checkpoint {directory} cannot be used: {problem}; pick another step",
-                  file=sys.stderr)
-            return 2
-        print(f"WARNING: skipping incomplete checkpoint {directory}: {problem}", file=sys.stderr)
-    else:
-        print(f"error: no complete checkpoint{'' if args.step is None else f' at step {args.step}'} in {run_dir}",
-              file=sys.stderr)
-        return 2
-    state = torch.load(os.path.join(directory, ckpt_files.MODEL_FILE), map_location="cpu", weights_only=True)
-    written = ckpt_files.export_nanochat(args.to_nanochat, step, state, ckpt_files.read_meta(directory))
+    written = ckpt_files.export_nanochat(args.to_nanochat, found.step, state, meta)
     os.makedirs(os.path.join(args.to_nanochat, "tokenizer"), exist_ok=True)
     for name in ("tokenizer.pkl", "token_bytes.pt"):
         src = os.path.join(tok_dir, name)

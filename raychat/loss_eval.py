@@ -1,4 +1,4 @@
-"""Bits per byte: the tokenizer-independent validation loss (spec §10.1).
+"""Bits per byte: the tokenizer-independent validation loss (docs/REFERENCE.md §9).
 
 Cross-entropy per token depends on the vocabulary; dividing the summed loss by the number of UTF-8 bytes the
 targets stand for does not, so runs with different tokenizers compare. No Ray here: the training loop and the
@@ -22,7 +22,7 @@ def _model_device(model) -> torch.device:
 def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor) -> float:
     """Bits per byte of `model` over the first `steps` (x, y) pairs of `batches`, summed over every worker.
 
-    Contract (spec §10.1, quirk §16.16):
+    Contract (the reference's):
     - `model(x, y, loss_reduction='none')` returns the per-token natural-log cross-entropy, any shape with
       x.numel() elements; `token_bytes` is the (V,) table of UTF-8 byte counts, 0 for special tokens.
     - A target contributes its loss only when its byte count is > 0: the specials (BOS appearing as a

@@ -332,21 +332,6 @@ class GPT(nn.Module):
             g["initial_lr"] = g["lr"]
         return groups
 
-    def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                        weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
-                        scalar_lr: float = 0.5, distributed: bool = False, ortho_dtype: torch.dtype | None = None,
-                        compile_kernels: bool | None = None):
-        """MuonAdamW (or DistMuonAdamW when `distributed`) over `optimizer_groups(...)`.
-
-        The caller (the training loop) decides single versus distributed; the reference decided here from
-        the torchrun environment. `ortho_dtype` and `compile_kernels` go to the optimizer (raychat.optim).
-        """
-        from raychat.optim import DistMuonAdamW, MuonAdamW  # imported late: optim depends on nothing here
-
-        groups = self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay, adam_betas, scalar_lr)
-        return (DistMuonAdamW if distributed else MuonAdamW)(groups, ortho_dtype=ortho_dtype,
-                                                             compile_kernels=compile_kernels)
-
     # ---- naive sampling, for cross-checks only -----------------------------------------------------------
 
     @torch.inference_mode()

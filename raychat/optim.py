@@ -275,15 +275,11 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_copy_(params, list(stacked.unbind(0)))
         return loss
 
-    def load_state_dict(self, state_dict: dict | list) -> None:
+    def load_state_dict(self, state_dict: dict) -> None:
         """Standard Optimizer loading, then a check that every state tensor has the shape this optimizer
         (its groups, and for DistMuonAdamW its world size) expects: a shard from another layout is refused
-        rather than silently mis-sliced (spec §3.4).
-
-        A list is every rank's state dict of a run with another world size, in rank order (an elastic
-        resume): it is gathered into the full state and this rank's shard is cut from it (`reshard`)."""
-        if isinstance(state_dict, list):
-            state_dict = reshard(state_dict, self.param_shapes(), self._rank, self._world_size)
+        rather than silently mis-sliced. A checkpoint of another world size is laid out for this one by its
+        loader (raychat.checkpoint.load_rank_state, with `reshard` below)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p, key, shape in self._expected_state_shapes(group):

@@ -1,4 +1,4 @@
-"""The end-of-run report: markdown plus PNG plots, written into the run's directory (spec §1.4, §12.4).
+"""The end-of-run report: markdown plus PNG plots, written into the run's directory.
 
 The markdown keeps the reference's three blocks (user config, setup, outcomes) and adds what a Ray user
 wants beside them: the run name, world layout and plots of train loss and val bpb over steps.
@@ -11,8 +11,9 @@ import tempfile
 
 import torch
 
+from raychat import storage
 from raychat.config import describe_changes
-from raychat.session import run_dir
+from raychat.runs import run_dir
 
 
 def _fmt(v) -> str:
@@ -114,14 +115,7 @@ def write_run_report(cfg, plan, summary: dict, history: dict) -> str:
     tmp = tempfile.mkdtemp(prefix="raychat-report-")
     try:
         render_report(cfg, plan, summary, history, tmp)
-        if "://" in dest:
-            import pyarrow.fs as pafs
-
-            pafs.copy_files(tmp, dest, source_filesystem=pafs.LocalFileSystem())
-        else:
-            os.makedirs(dest, exist_ok=True)
-            for name in os.listdir(tmp):
-                shutil.copy(os.path.join(tmp, name), os.path.join(dest, name))
+        storage.copy_into(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return f"{dest}/report.md"

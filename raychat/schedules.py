@@ -1,4 +1,4 @@
-"""The reference's schedules (spec §1.2), as functions of the 0-based step being trained."""
+"""The reference's schedules, as functions of the 0-based step being trained (docs/REFERENCE.md)."""
 
 
 def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
@@ -23,3 +23,15 @@ def muon_momentum(it: int) -> float:
 def muon_weight_decay(it: int, num_iterations: int, weight_decay_scaled: float) -> float:
     """Linear decay to zero over the run."""
     return weight_decay_scaled * (1 - it / num_iterations)
+
+
+def apply_schedules(optimizer, it: int, num_iterations: int, cfg, weight_decay_scaled: float) -> float:
+    """Set every param group's lr (and Muon's momentum and weight decay) for step `it`; returns the lr
+    multiplier, which the step line prints."""
+    lrm = lr_multiplier(it, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = muon_momentum(it)
+            group["weight_decay"] = muon_weight_decay(it, num_iterations, weight_decay_scaled)
+    return lrm

@@ -1,6 +1,6 @@
 """Sweep files (`tune_configs/*.yaml`): the schema, its validation, and the Tune search space it becomes.
 
-A sweep file is plain data, no Python (RAY_PRACTICE §3):
+A sweep file is plain data, no Python, so it can be checked whole before anything runs:
 
     name: d12_lr_wd                 # optional; default: the file's stem. Names the sweep directory
     storage_path: /data/sweeps      # optional; default <base>/sweeps; s3:// and gs:// work
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from raychat.config import TrainConfig
+from raychat.config import TrainConfig, as_number, coerce
 
 TOP_KEYS = ("name", "storage_path", "train", "search_space", "num_samples", "search_alg", "seed", "scheduler",
             "max_concurrent_trials", "resources", "max_failures")
@@ -185,49 +185,18 @@ class _Checker:
         return value
 
     def number(self, value, keys, minimum, strict=False):
-        value = _as_float(value)
+        value = as_number(value)
         if value is None or not math.isfinite(value) or value < minimum or (strict and value == minimum):
             self.fail(keys, f"must be a number {'>' if strict else '>='} {minimum}")
         return value
 
 
-def _as_float(value):
-    """YAML 1.1 reads `1e-3` (no dot) as a string; accept it as the number it plainly is."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def _flag_value(chk: _Checker, flag: str, value, keys: tuple):
-    """Coerce one flag value to its TrainConfig type, or fail naming the flag's type."""
-    ftype = _FIELDS[flag].type
-    if ftype is bool:
-        if not isinstance(value, bool):
-            chk.fail(keys, f"{value!r} must be true or false")
-        return value
-    if ftype in (int, int | None):
-        if value is None and ftype is not int:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            chk.fail(keys, f"{value!r} must be an integer (--{flag.replace('_', '-')} is an int flag)")
-        return value
-    if ftype is float:
-        v = _as_float(value)
-        if v is None:
-            chk.fail(keys, f"{value!r} must be a number (--{flag.replace('_', '-')} is a float flag)")
-        return v
-    if value is None and ftype is not str:
-        return None
-    if isinstance(value, (bool, dict, list)) or value is None:
-        chk.fail(keys, f"{value!r} must be a string")
-    return str(value)
+    """One flag's value as its TrainConfig type (the command line's conversion), or fail naming the flag's type."""
+    try:
+        return coerce(flag, value)
+    except ValueError as e:
+        chk.fail(keys, str(e))
 
 
 def _flag_name(chk: _Checker, key, keys: tuple) -> str:
@@ -289,7 +258,8 @@ def parse_sweep(data, path: str, text: str = "", overrides: dict | None = None) 
         chk.fail(("train",), f"the base flags are not a valid training configuration: {e}")
     if train.get("eval_every", TrainConfig.eval_every) <= 0:
         chk.fail(("train", "eval_every"), "must be > 0: trials are compared (and ASHA stops them) on val bpb")
-    # Resolve data/tokenizer/base paths once here: the trials run elsewhere (RAY_PRACTICE §1, pitfall 11).
+    # Resolve data/tokenizer/base paths once here, on the driver: a trial runs in another working directory (and
+    # maybe on another node), where a relative path would name something else.
     resolved = TrainConfig.from_dict(train).resolve_paths()
     for flag in ("base_dir", "data_dir", "tokenizer_dir", "init_from_nanochat"):
         if getattr(resolved, flag) is not None:
@@ -318,9 +288,9 @@ def parse_sweep(data, path: str, text: str = "", overrides: dict | None = None) 
             if _FIELDS[flag].type is not float:
                 chk.fail(keys, f"{dist} samples real numbers but --{flag.replace('_', '-')} is not a float flag; "
                                "use choice or grid")
-            if len(args) != 2 or any(_as_float(a) is None for a in args):
+            if len(args) != 2 or any(as_number(a) is None for a in args):
                 chk.fail(keys, f"{dist} needs [low, high] numbers, got {args!r}")
-            lo, hi = (_as_float(a) for a in args)
+            lo, hi = (as_number(a) for a in args)
             if not lo < hi:
                 chk.fail(keys, f"{dist} needs low < high, got [{lo}, {hi}]")
             if dist == "loguniform" and lo <= 0:
@@ -406,7 +376,7 @@ def load_sweep(path: str, overrides: dict | None = None) -> Sweep:
 
 
 def check_plan(sweep: Sweep, vocab_size: int):
-    """Derive the base trial's plan (spec §1.1) and check ASHA's grace period against its horizon.
+    """Derive the base trial's plan (`config.derive`) and check ASHA's grace period against its horizon.
 
     Returns the plan. Errors (e.g. a batch that does not divide) name the sweep's keys.
     """

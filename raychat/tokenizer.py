@@ -1,4 +1,4 @@
-"""The BPE tokenizer (spec §6): trained with rustbpe, run with tiktoken.
+"""The BPE tokenizer (docs/REFERENCE.md §7): trained with rustbpe, run with tiktoken.
 
 A `Tokenizer` wraps one tiktoken `Encoding` named "rustbpe": 256 byte tokens plus the learned merges
 (ranks 0 .. V-10), then the 9 special tokens of `SPECIAL_TOKENS` numbered after them in list order, so
@@ -33,7 +33,7 @@ SPECIAL_TOKENS = [
 ]
 
 # GPT-4's split pattern with digits grouped 1-2 instead of 1-3: the reference's dev log measured val bpb
-# 0.969 / 0.965 / 0.972 at d12 for groups of 1 / 2 / 3 (spec §6).
+# 0.969 / 0.965 / 0.972 at d12 for groups of 1 / 2 / 3.
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
     r"""\s+(?!\S)|\s+"""
@@ -199,7 +199,7 @@ def compute_token_bytes(tokenizer: Tokenizer, quirk: bool = False) -> torch.Tens
 
     `quirk=False` (default, nanochat HEAD 2ce972a): the exact length of the token's raw bytes.
 
-    `quirk=True` reproduces the reference's 07c4dd4 table (spec §6 QUIRK): each token is decoded to a str
+    `quirk=True` reproduces the reference's 07c4dd4 table (docs/REFERENCE.md §7): each token is decoded to a str
     *with replacement* and re-encoded as UTF-8, so a token whose bytes are not valid UTF-8 on their own
     (e.g. a lone byte >= 0x80, or half of a multi-byte character) counts 3 bytes per U+FFFD instead of its
     true length. The two tables differ exactly on those tokens (193 of 32768 in the reference's tokenizer;
@@ -236,7 +236,7 @@ def get_token_bytes(base_dir: str | None = None, device: str | torch.device = "c
 def iter_cropped(texts: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:
     """Crop each text to `doc_cap` chars; stop right after the running total exceeds `max_chars`.
 
-    The document that crosses the limit is still yielded (spec §6, tok_train's iterator).
+    The document that crosses the limit is still yielded, as in the reference's tok_train.
     """
     total = 0
     for text in texts:

@@ -69,7 +69,7 @@ def check_slots(cfg: TrainConfig, plan, train_files: list) -> None:
 def check_resume(cfg: TrainConfig, plan) -> None:
     """The checkpoint the workers will resume (if any), checked against this run."""
     from raychat import checkpoint as ckpt_files
-    from raychat.session import resume_checkpoint
+    from raychat.runs import resume_checkpoint
 
     with resume_checkpoint(cfg) as d:
         if d is not None:
@@ -152,76 +152,9 @@ def _print_plan(cfg: TrainConfig, plan) -> int:
     return 0
 
 
-def resolve_auto(cfg: TrainConfig, local: bool, cpus: int) -> TrainConfig:
-    """The `auto` values that depend on where the run goes (`local`: raychat starts its own Ray on this
-    machine's `cpus`).
-
-    --cpus-per-worker 0: locally the machine's CPUs shared among the workers (1 worker on 2 cores gets both:
-    1.7x the tokens/s of 1 thread at d4, docs/LOG.md); on a cluster it attaches to, 1 (a GPU worker needs few;
-    pass --cpus-per-worker to reserve more).
-    --data-backend auto: inline when the local workers take every CPU, since Ray Data's actors and its
-    scheduling thread could then only run on the training threads' cores (d4 on 2 cores: 0.70x nanochat's
-    tokens/s with Ray Data against 0.87x inline, docs/LOG.md); Ray Data wherever CPUs are left for it."""
-    if cfg.cpus_per_worker <= 0:
-        cfg = dataclasses.replace(cfg, cpus_per_worker=float(max(1, cpus // cfg.num_workers)) if local else 1.0)
-    if cfg.data_backend == "auto":
-        spare = not local or cfg.num_workers * cfg.cpus_per_worker < cpus
-        cfg = dataclasses.replace(cfg, data_backend="ray" if spare else "inline")
-    return cfg
-
-
-def init_ray(cfg: TrainConfig):
-    """Attach to the cluster when RAY_ADDRESS is set (ray job submit sets it), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # no resource arguments: they raise against an existing cluster (RAY_PRACTICE §4)
-        return
-    # The embedded default: size the local Ray to the machine, with room for the data actors. Logical CPUs
-    # may exceed cores; the workers' torch threads are capped by --cpus-per-worker.
-    # The dashboard (on 127.0.0.1 only) serves the Train view and the state API, which Ray Train's placement
-    # group cleaner polls: without it every poll logs a warning.
-    needed = cfg.num_workers * cfg.cpus_per_worker + (cfg.num_workers * cfg.data_actors + 1)
-    # One machine has no other node to lose: Ray Train's preemption watcher would watch nothing, and its
-    # actor logs an error at every start (its arguments live in the object store, ray#53727).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    start_reaper()
-    # Ray Train's placement-group cleaner and the state API find "the" local Ray by scanning this machine's
-    # processes (ray.dashboard.utils.get_address_for_submission_client) and fail at every start when another
-    # Ray runs here ("Found multiple active Ray instances"). Point them at this Ray's own dashboard, through
-    # the environment that every process of this Ray inherits from the driver.
-    port = _free_loopback_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    # No idle workers prestarted for the driver: Ray Train's controller and workers each carry a runtime env
-    # of their own, so they never take one, and the two that Ray starts here would only hold memory and wake
-    # on the training threads' cores.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, _system_config={"prestart_worker_first_driver": False})
-
-
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_REAPER_PIPE = []  # the write end, open for this process's lifetime: its closing tells the reaper
-
-
-def start_reaper() -> None:
-    """The embedded Ray's processes die with this driver, even under kill -9 (raychat/reaper.py)."""
-    import subprocess
-
-    from raychat import reaper
-
-    read, write = os.pipe()  # not inherited by Ray's processes (O_CLOEXEC), so only this process holds `write`
-    subprocess.Popen([sys.executable, reaper.__file__, str(os.getpid())], stdin=read)  # stdlib only: no imports
-    os.close(read)
-    _REAPER_PIPE.append(write)
+def cpus_needed(cfg: TrainConfig) -> float:
+    """The logical CPUs a run holds: its workers, their Ray Data actors and the Train controller."""
+    return cfg.num_workers * cfg.cpus_per_worker + (cfg.num_workers * cfg.data_actors + 1)
 
 
 def resolve_device(cfg: TrainConfig) -> TrainConfig:
@@ -243,11 +176,10 @@ def resolve_device(cfg: TrainConfig) -> TrainConfig:
 def read_tokenizer_files(tokenizer_dir: str) -> dict:
     """The tokenizer's two small files as bytes (local path or s3://, gs://): workers and data actors on any
     node get the tokenizer with their config, so no node needs the directory."""
-    import pyarrow.fs as pafs
-
+    from raychat import storage
     from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE
 
-    fs, root = pafs.FileSystem.from_uri(tokenizer_dir if "://" in tokenizer_dir else os.path.abspath(tokenizer_dir))
+    fs, root = storage.filesystem(tokenizer_dir)
     files = {}
     for name in (TOKENIZER_FILE, TOKEN_BYTES_FILE):
         try:
@@ -261,10 +193,10 @@ def read_tokenizer_files(tokenizer_dir: str) -> dict:
 
 def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from raychat import local_ray
     from raychat.loop import train_loop_per_worker
-    from raychat.rendezvous import LoopbackTorchConfig
 
     use_gpu = cfg.use_gpu == "true"
     resources = {"CPU": cfg.cpus_per_worker or 1.0, **({"GPU": 1} if use_gpu else {})}  # 0 = auto: main resolves it
@@ -293,9 +225,8 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": env}, **(run_config_extra or {})),
-        # A hung collective should fail (and be retried) in minutes, not the default 30 (RAY_PRACTICE §1).
-        # A local Ray (no RAY_ADDRESS) is this machine only: its rendezvous listens on 127.0.0.1.
-        torch_config=(TorchConfig if os.environ.get("RAY_ADDRESS") else LoopbackTorchConfig)(timeout_s=600),
+        # A hung collective should fail (and be retried) in minutes, not the default 30.
+        torch_config=local_ray.torch_config(timeout_s=600),
     )
 
 
@@ -316,13 +247,11 @@ def main(argv=None) -> int:
         return 2
     _print_plan(cfg, plan)
 
-    import ray
-
+    from raychat import local_ray
     from raychat.common import available_cpus
 
-    cfg = resolve_auto(cfg, local=not os.environ.get("RAY_ADDRESS") and not ray.is_initialized(),
-                       cpus=available_cpus())
-    init_ray(cfg)
+    cfg = local_ray.resolve_auto(cfg, local=local_ray.is_embedded(), cpus=available_cpus())
+    local_ray.init(cpus_needed(cfg))
     try:
         cfg = resolve_device(cfg)
     except ValueError as e:
@@ -330,7 +259,7 @@ def main(argv=None) -> int:
         return 2
     from ray.train import TrainingFailedError
 
-    from raychat.session import read_stop
+    from raychat.runs import read_stop, run_dir
 
     read_stop(cfg, remove=True)  # a rerun continues the run: an earlier stop no longer applies
     try:
@@ -348,7 +277,7 @@ def main(argv=None) -> int:
     if stopped:
         print(f"error: training stopped: {stopped}", file=sys.stderr)
         return 1
-    print(f"Done. Checkpoints and report in {cfg.storage_path.rstrip('/')}/{cfg.run_name}")
+    print(f"Done. Checkpoints and report in {run_dir(cfg)}")
     return 0
 
 

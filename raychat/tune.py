@@ -7,7 +7,7 @@
 Each trial is a Tune function trainable (`train_trial`) that runs raychat's own Train job: the sweep's base
 flags plus the trial's sampled values become one TrainConfig, and `raychat.train.build_trainer(...).fit()`
 runs it as the Train run `<sweep>-<trial id>` under `<sweep dir>/runs/`. A retried or resumed trial reruns
-its driver under the same name, so Train resumes it from its newest checkpoint (RAY_PRACTICE §3). Rank 0's
+its driver under the same name, so Train resumes it from its newest checkpoint. Rank 0's
 reports reach Tune through TuneReportCallback; ASHA stops trials on `val_bpb` with `step` as its clock.
 
 When the sweep ends, its directory holds results.md (the table), results.csv, plots/val_bpb_vs_<flag>.png,
@@ -24,6 +24,7 @@ import shlex
 import sys
 import time
 
+from raychat import storage
 from raychat.common import cli_parser
 from raychat.config import TrainConfig
 from raychat.sweep_config import Sweep, SweepConfigError, check_cluster, check_plan, load_sweep
@@ -59,15 +60,19 @@ def train_trial(config: dict, sweep: dict) -> None:
     """The Tune trainable: one trial = one Train run named `<sweep>-<trial id>`.
 
     `config` holds the sampled flags; `sweep` is `Sweep.to_dict()` (bound with tune.with_parameters). Only
-    ray.tune APIs are used here: ray.train calls raise in a Tune driver (RAY_PRACTICE §7, pitfall 7).
+    ray.tune APIs are used here: ray.train calls raise in a Tune driver.
     """
     import ray.tune
 
+    from raychat import local_ray
+    from raychat.common import available_cpus
     from raychat.train import build_trainer
 
     s = Sweep.from_dict(sweep)
     cfg = s.trial_config(dict(config), ray.tune.get_context().get_trial_id())
     cfg.validate()
+    # The trial is the Train run's driver: it resolves `auto` as `python -m raychat.train` would on this Ray.
+    cfg = local_ray.resolve_auto(cfg, local=local_ray.is_embedded(), cpus=available_cpus())
     # A failure surfaces as TrainingFailedError; Tune then retries the trial (max_failures) under the same run
     # name, so the retry continues from the run's newest checkpoint.
     build_trainer(cfg, run_config_extra={"callbacks": [_report_callback()]}).fit()
@@ -98,7 +103,7 @@ def search_alg(sweep: Sweep):
 
     # Random and grid both: the basic generator crosses grid dimensions and samples the rest, seeded. It takes
     # the concurrency limit itself: Tune ignores max_concurrent_trials for a generator passed in (with a warning),
-    # and too many concurrent trial drivers hold the CPUs their own workers need (RAY_PRACTICE §8).
+    # and too many concurrent trial drivers hold the CPUs their own workers need.
     return BasicVariantGenerator(max_concurrent=sweep.max_concurrent_trials or 0, random_state=sweep.seed)
 
 
@@ -135,20 +140,11 @@ def _trial_log_callback(sweep_dir: str):
 
 
 def init_ray(sweep: Sweep) -> None:
-    """Attach to RAY_ADDRESS's cluster, else start a local Ray big enough for the concurrent trials."""
-    import ray
+    """Attach to RAY_ADDRESS's cluster, else start a local Ray big enough for the concurrent trials (logical
+    CPUs may exceed cores: with fewer, concurrent trial drivers starve their workers)."""
+    from raychat import local_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # no resource arguments against an existing cluster (RAY_PRACTICE §4)
-        return
-    from raychat.train import start_reaper
-
-    start_reaper()  # the sweep's local Ray and its trials end with this driver, even under kill -9
-    need = sweep.per_trial_resources()["CPU"] * (sweep.max_concurrent_trials or 1)
-    # Logical CPUs may exceed cores: with fewer, concurrent trial drivers starve their workers (RAY_PRACTICE §8).
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
+    local_ray.init(sweep.per_trial_resources()["CPU"] * (sweep.max_concurrent_trials or 1))
 
 
 def check_trial_inputs(sweep: Sweep, dry_run: bool) -> None:
@@ -182,7 +178,7 @@ def build_tuner(sweep: Sweep, max_t: int, resume: bool):
         run_config=tune.RunConfig(
             name=sweep.name, storage_path=sweep.storage_path,
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            callbacks=[_trial_log_callback(sweep.sweep_dir)] if "://" not in sweep.sweep_dir else None,
+            callbacks=None if storage.is_remote(sweep.sweep_dir) else [_trial_log_callback(sweep.sweep_dir)],
             verbose=1),
     )
 
@@ -368,7 +364,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> tuple[list[TrialRow], str]:
     import ray
     from ray import tune
 
-    remote = "://" in sweep.sweep_dir
+    remote = storage.is_remote(sweep.sweep_dir)
     exists = tune.Tuner.can_restore(sweep.sweep_dir)
     if resume and not exists:
         raise SweepConfigError(f"--resume: no sweep to continue at {sweep.sweep_dir}; run without --resume to start it")
@@ -391,11 +387,9 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> tuple[list[TrialRow], str]:
     if remote:
         import tempfile
 
-        import pyarrow.fs as pafs
-
         out = tempfile.mkdtemp(prefix="raychat-sweep-")
         command = write_outputs(sweep, rows, out)
-        pafs.copy_files(out, sweep.sweep_dir)
+        storage.copy_into(out, sweep.sweep_dir)
     else:
         command = write_outputs(sweep, rows, sweep.sweep_dir)
     return rows, command
@@ -460,7 +454,7 @@ def main(argv=None) -> int:
     except (SweepConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(open(os.path.join(sweep.sweep_dir, "results.md")).read() if "://" not in sweep.sweep_dir else "")
+    print("" if storage.is_remote(sweep.sweep_dir) else open(os.path.join(sweep.sweep_dir, "results.md")).read())
     if not command:
         print("error: no trial reported a finite val bpb", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The laptop version of the speedrun (spec §13.2 in raychat form): a d6 model on CPU (or MPS) with a
+# The laptop version of the speedrun (nanochat's runs/runcpu.sh in raychat form): a d6 model on CPU (or MPS) with a
 # local Ray instance that raychat starts itself; no cluster, no bucket. The reference quotes about
 # 30 minutes on a MacBook Pro M3 Max for these settings.
 #
@@ -42,7 +42,7 @@ esac
 # 2. Tokenizer (the reference passes --max-chars=2000000000, its default).
 python -m scripts.tok_train --max-chars=2000000000 ${DRY:+"$DRY"}
 
-# 3. d6 base model: the reference's flags (spec §13.2 step 4) on one CPU Ray Train worker.
+# 3. d6 base model: the reference script's training flags on one CPU Ray Train worker.
 if [ -n "$DRY" ] && { [ ! -d "$RAYCHAT_BASE_DIR/base_data" ] || [ ! -f "$RAYCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ]; }; then
     # A training dry run checks the real shards and tokenizer, which only a real run of the steps above makes.
     echo "runcpu: (dry run) training not checked: it needs the shards and tokenizer the steps above make"

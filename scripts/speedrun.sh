@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reference speedrun (spec §13.1) on a Ray cluster, step for step, through `ray job submit`:
+# nanochat's speedrun (runs/speedrun.sh) on a Ray cluster, step for step, through `ray job submit`:
 #   shards to the bucket -> tokenizer -> (rest of the shards) -> d24 to GPT-2 CORE on 8xH100 -> evaluation.
 # Base-model stage only: the reference's SFT, chat eval and tok_eval steps have no raychat counterpart.
 #
@@ -37,12 +37,12 @@ fi
 case "$BUCKET_URI" in
     s3://*|gs://*) ;;
     *) echo "speedrun.sh: BUCKET_URI='$BUCKET_URI' must start with s3:// or gs://: every node of a" \
-            "multi-node cluster reads shards and checkpoints from it (RAY_PRACTICE §1)" >&2; exit 2 ;;
+            "multi-node cluster reads shards and checkpoints from it (a node's local disk is not shared)" >&2; exit 2 ;;
 esac
 BUCKET_URI="${BUCKET_URI%/}"
 RUN_NAME="${RUN_NAME:-speedrun-d24}"          # the training run's identity: the same name resumes it
 WANDB_RUN="${WANDB_RUN:-dummy}"               # 'dummy' disables wandb, as in the reference
-NUM_SHARDS="${NUM_SHARDS:-370}"               # ~10B tokens for d24 at ratio 12 (spec §13.1 step 5)
+NUM_SHARDS="${NUM_SHARDS:-370}"               # ~10B tokens for d24 at ratio 12, as the reference downloads
 RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 DATA_DIR="$BUCKET_URI/base_data"
 STORAGE="$BUCKET_URI/runs"
@@ -106,7 +106,7 @@ submit tokenizer --entrypoint-num-cpus=8 -- python -m scripts.tok_train --data-d
 # 4. Wait for the download.
 wait_job data-all
 
-# 5. d24 to GPT-2 CORE: spec §13.1 step 8 with the batch size that fits 80 GB (b19b4f3: 16 rows, grad
+# 5. d24 to GPT-2 CORE: the reference's training step with the batch size that fits 80 GB (b19b4f3: 16 rows, grad
 #    accum 2). raychat additions: one Ray Train worker per GPU, checkpoints to the bucket every 1000 steps
 #    (the reference saves only at the end) so a lost node costs minutes, and automatic retries.
 submit train --entrypoint-num-cpus=1 -- python -m raychat.train \
@@ -115,7 +115,7 @@ submit train --entrypoint-num-cpus=1 -- python -m raychat.train \
     --run-name="$RUN_NAME" --storage-path="$STORAGE" --data-dir="$DATA_DIR" \
     --save-every=1000 --keep-checkpoints=2 --max-failures=3
 
-# 6. Evaluate the final checkpoint (CORE and bpb, spec §10), like the reference's base_eval.
+# 6. Evaluate the final checkpoint (CORE and bpb, docs/REFERENCE.md §9), like the reference's base_eval.
 submit eval --entrypoint-num-cpus=1 -- python -m raychat.eval --run-name="$RUN_NAME" --storage-path="$STORAGE"
 
 echo "speedrun done: checkpoints and results under $STORAGE/$RUN_NAME"

@@ -1,4 +1,4 @@
-"""Train the BPE tokenizer on the train shards and save it to `<base>/tokenizer` (spec §6).
+"""Train the BPE tokenizer on the train shards and save it to `<base>/tokenizer` (docs/REFERENCE.md §7).
 
     python -m scripts.tok_train                       # 2B chars, docs cropped to 10k chars, vocab 32768
     python -m scripts.tok_train --max-chars 50000000 --vocab-size 8192 --data-dir /path/to/shards

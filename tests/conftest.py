@@ -13,7 +13,7 @@ _TEST_ENV = {
     "OMP_NUM_THREADS": "1",
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: nothing to watch (raychat.train.init_ray)
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: nothing to watch (raychat.local_ray.start)
 }
 for _k, _v in _TEST_ENV.items():
     os.environ.setdefault(_k, _v)

@@ -1,4 +1,4 @@
-"""raychat.attention: the SDPA fallback against attention written out by hand (spec §4)."""
+"""raychat.attention: the SDPA fallback against attention written out by hand (docs/REFERENCE.md §6)."""
 import math
 
 import pytest

@@ -187,7 +187,7 @@ def _load_rank_files(step):
     def command(ws):
         from raychat import checkpoint as ckpt_files
 
-        return lambda: ckpt_files.load_rank_files(ws.step(step), 0, "cpu")
+        return lambda: ckpt_files.load_rank_state(ws.step(step), 0, 1, "cpu")
     return command
 
 

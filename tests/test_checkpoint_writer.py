@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from raychat import checkpoint as ckpt_files
+from raychat import saver
+from raychat.saver import BackgroundWriter, _tensors
 
 
 def _state():
@@ -23,13 +25,13 @@ def held_write(monkeypatch):
     """Make the writer's file write wait until the test releases it, so the test can change the live state
     between staging and writing (otherwise a small write usually finishes first and hides a missing copy)."""
     release = threading.Event()
-    real = ckpt_files.save_rank_files
+    real = saver.save_rank_files
 
     def save_when_released(*args, **kwargs):
         assert release.wait(30)
         real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt_files, "save_rank_files", save_when_released)
+    monkeypatch.setattr(saver, "save_rank_files", save_when_released)
     return release
 
 
@@ -39,7 +41,7 @@ def test_checkpoint_is_the_state_at_submit(tmp_path, held_write):
     expected_avg = optimizer.state[model.weight]["exp_avg"].clone()
     meta = {"step": 7, "history": [[1, 2.0]]}
     data_state = [{"row": 3}]
-    writer = ckpt_files.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.submit(str(tmp_path), 0, optimizer.state_dict(), data_state, model_state=model.state_dict(), meta=meta)
     writer.wait_staged()
     # Training goes on: weights, optimizer moments, hyperparameters, history and data position all change.
@@ -68,7 +70,7 @@ def test_checkpoint_is_the_state_at_submit(tmp_path, held_write):
 
 def test_one_write_at_a_time(tmp_path, held_write):
     model, optimizer = _state()
-    writer = ckpt_files.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.wait_staged()  # nothing submitted: returns at once
     writer.submit(str(tmp_path / "a"), 0, optimizer.state_dict(), [], model_state=model.state_dict(), meta={})
     second = threading.Thread(target=writer.submit, args=(str(tmp_path / "b"), 0, optimizer.state_dict(), []))
@@ -85,7 +87,7 @@ def test_write_error_is_raised_on_the_training_thread(tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
     model, optimizer = _state()
-    writer = ckpt_files.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.submit(str(blocker), 0, optimizer.state_dict(), [], model_state=model.state_dict(), meta={})
     with pytest.raises(RuntimeError, match="writing the checkpoint failed.*not_a_dir"):
         writer.wait_staged()  # the loop's next call to the writer raises, whichever it is
@@ -96,11 +98,11 @@ def test_write_error_is_raised_on_the_training_thread(tmp_path):
 
 def test_reserved_buffers_are_reused_and_each_checkpoint_is_its_own(tmp_path):
     model, optimizer = _state()
-    writer = ckpt_files.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.reserve(optimizer.state_dict(), model.state_dict())
     writer.wait()
     reserved = [b.data_ptr() for b in writer._buffers]
-    assert len(reserved) == len(ckpt_files._tensors((optimizer.state_dict(), model.state_dict())))
+    assert len(reserved) == len(_tensors((optimizer.state_dict(), model.state_dict())))
     expected = []
     for name in ("a", "b"):
         expected.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -117,7 +119,7 @@ def test_reserved_buffers_are_reused_and_each_checkpoint_is_its_own(tmp_path):
     # A state of another shape (a rank without the model) gets buffers of its own shapes.
     writer.submit(str(tmp_path / "c"), 1, optimizer.state_dict(), [])
     writer.wait()
-    assert len(writer._buffers) == len(ckpt_files._tensors(optimizer.state_dict()))
+    assert len(writer._buffers) == len(_tensors(optimizer.state_dict()))
     saved = torch.load(tmp_path / "c" / "optim_rank1.pt", weights_only=True)
     assert torch.equal(saved["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
 
@@ -125,7 +127,7 @@ def test_reserved_buffers_are_reused_and_each_checkpoint_is_its_own(tmp_path):
 def test_uncopied_checkpoint_writes_the_live_state_and_allocates_no_buffers(tmp_path):
     """copy=False (the run's last checkpoint): the files hold the live tensors, and no host copy is made."""
     model, optimizer = _state()
-    writer = ckpt_files.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.submit(str(tmp_path), 0, optimizer.state_dict(), [{"row": 1}], model_state=model.state_dict(), meta={},
                   copy=False)
     writer.wait()

@@ -1,4 +1,4 @@
-"""CORE (spec §10.2): prompt rendering, token spans, scoring of each task type, the bundle, distribution.
+"""CORE (docs/REFERENCE.md §9): prompt rendering, token spans, scoring of each task type, the bundle, distribution.
 
 The scorer takes any callable `model(input_ids) -> logits`; the small "models" below build their logits from
 rules, so each test knows which answer must win. They are inputs under test, not stand-ins for raychat code.

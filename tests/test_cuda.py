@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from raychat import checkpoint as ckpt_files
 from raychat import optim
+from raychat.saver import BackgroundWriter
 from raychat.model import GPT, GPTConfig
 
 V, T = 256, 64
@@ -59,7 +60,7 @@ def train_steps(model, opt, device, steps=3):
 
 def test_compiled_model_matches_eager(device):
     model = tiny_gpt(device)
-    train_steps(model, model.setup_optimizer(), device, steps=2)  # at init the output is ~0, and many grads
+    train_steps(model, optim.MuonAdamW(model.optimizer_groups()), device, steps=2)  # at init the output is ~0, and many grads
     x, y = batch(device)
     eager_loss, eager_grads = loss_and_grads(model, x, y)
     compiled_loss, compiled_grads = loss_and_grads(model, x, y, torch.compile(model, dynamic=False))
@@ -83,7 +84,7 @@ def test_compiled_optimizer_kernels_match_eager(device, ortho, monkeypatch):
         optim._kernels.cache_clear()
         model = tiny_gpt(device)
         dtype = torch.float32 if dt == "fp32" else torch.bfloat16
-        results[compiled, dt] = train_steps(model, model.setup_optimizer(ortho_dtype=dtype), device)
+        results[compiled, dt] = train_steps(model, optim.MuonAdamW(model.optimizer_groups(), ortho_dtype=dtype), device)
     optim._kernels.cache_clear()
     eager, compiled = results[False, ortho], results[True, ortho]
     for name, p0 in start.items():
@@ -115,7 +116,7 @@ def test_dist_optimizer_over_the_device_backend_equals_single_process(device, pr
     # all_gather) on this backend, with the device's tensors. Both optimizers get the same gradients (a CUDA
     # embedding backward is not bitwise deterministic), so their params must stay bitwise equal.
     single, model = tiny_gpt(device), tiny_gpt(device)
-    opt_single, opt_dist = single.setup_optimizer(), model.setup_optimizer(distributed=True)
+    opt_single, opt_dist = optim.MuonAdamW(single.optimizer_groups()), optim.DistMuonAdamW(model.optimizer_groups())
     for s in range(3):
         loss_and_grads(single, *batch(device, seed=10 + s))
         for p, q in zip(single.parameters(), model.parameters()):
@@ -129,9 +130,9 @@ def test_dist_optimizer_over_the_device_backend_equals_single_process(device, pr
 
 def test_writer_stages_device_tensors_before_the_next_step(device, tmp_path):
     model = tiny_gpt(device)
-    opt = model.setup_optimizer()
+    opt = optim.MuonAdamW(model.optimizer_groups())
     train_steps(model, opt, device, steps=1)
-    writer = ckpt_files.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.reserve(opt.state_dict(), model.state_dict())
     writer.wait()
     expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

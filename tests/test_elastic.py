@@ -203,15 +203,31 @@ def _slot_states(step_dir):
 
 
 @pytest.mark.slow
-def test_load_rank_files_redistributes_slots(baseline):
+def test_load_rank_state_lays_out_another_world_size(baseline):
+    from raychat.model import GPT, GPTConfig
+    from raychat.optim import DistMuonAdamW, MuonAdamW, gather_full_state
+
     d = os.path.join(baseline, "step_000008")
     slots = _slot_states(d)
     assert [s["slot"] for s in slots] == [0, 1] and all(s["num_slots"] == 2 for s in slots)
-    _, optim, meta, data = ckpt_files.load_rank_files(d, 0, "cpu", world_size=1)
-    assert meta["world_size"] == 2 and isinstance(optim, list) and len(optim) == 2
-    assert data == slots  # one worker now owns both slots
-    _, optim_same, _, data_same = ckpt_files.load_rank_files(d, 1, "cpu", world_size=2)
-    assert isinstance(optim_same, dict) and data_same == slots[1:]
+    meta = ckpt_files.read_meta(d)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    shapes = MuonAdamW(model.optimizer_groups()).param_shapes()
+    one = ckpt_files.load_rank_state(d, 0, 1, "cpu", shapes, meta["model_config"], 2)
+    assert one.meta["world_size"] == 2 and one.data == slots  # one worker now owns both slots
+    shards = [torch.load(os.path.join(d, f"optim_rank{r}.pt"), weights_only=True) for r in range(2)]
+    full = gather_full_state(shards, shapes)  # one rank's layout is the whole state, resharded in the loader
+    assert one.optimizer["state"].keys() == full["state"].keys()
+    for i, entry in full["state"].items():
+        for key, value in entry.items():
+            assert (torch.equal(one.optimizer["state"][i][key], value) if isinstance(value, torch.Tensor)
+                    else one.optimizer["state"][i][key] == value)
+    same = ckpt_files.load_rank_state(d, 1, 2, "cpu", shapes, meta["model_config"], 2)
+    assert same.data == slots[1:] and torch.equal(same.optimizer["state"][0]["exp_avg"], shards[1]["state"][0]["exp_avg"])
+    with pytest.raises(ValueError, match="data slots differ"):
+        ckpt_files.load_rank_state(d, 0, 1, "cpu", shapes, meta["model_config"], 4)
+    assert DistMuonAdamW  # the same loader serves the sharded optimizer: covered end to end below
 
 
 def _rel_diff(a, b):

@@ -1,4 +1,4 @@
-"""Bits per byte (spec §10.1) on a tiny real GPT with a real tokenizer's token_bytes table."""
+"""Bits per byte (docs/REFERENCE.md §9) on a tiny real GPT with a real tokenizer's token_bytes table."""
 import json
 import math
 import os

@@ -272,11 +272,17 @@ def test_optimizer_groups_d24():
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
 
 
-def test_setup_optimizer_builds_muon_adamw():
-    optim = pytest.importorskip("raychat.optim")
+def test_build_optimizer_picks_single_or_distributed_muon_adamw():
+    """The training module, not the model, chooses the optimizer: MuonAdamW alone, DistMuonAdamW across ranks."""
+    from raychat.config import TrainConfig, derive
+    from raychat.loop import build_optimizer
+    from raychat.optim import MuonAdamW
+
     model = small_model(n_layer=2, randomize=False)
-    opt = model.setup_optimizer()
-    assert isinstance(opt, optim.MuonAdamW)
+    cfg = TrainConfig(depth=2, max_seq_len=64, device_batch_size=2, total_batch_size=256, num_iterations=1)
+    plan = derive(cfg, 128, 1)
+    opt = build_optimizer(model, cfg, plan, world_size=1, compile_kernels=False)
+    assert type(opt) is MuonAdamW
     assert len(opt.param_groups) == len(model.optimizer_groups())
     assert all("initial_lr" in g for g in opt.param_groups)
 

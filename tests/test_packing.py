@@ -1,4 +1,4 @@
-"""BestFitPacker against a plain linear-scan re-implementation of spec §7.2, plus its stated properties."""
+"""BestFitPacker against a plain linear-scan re-implementation of the reference packer (docs/REFERENCE.md §8), plus its stated properties."""
 import json
 import random
 

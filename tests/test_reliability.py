@@ -69,7 +69,7 @@ def test_worker_killed_while_checkpoint_is_written(baseline, tiny_data_dir, tiny
 
 def test_partial_checkpoint_of_one_rank_is_never_resumed(baseline, tmp_path):
     """What storage can hold after fault 2 (only the surviving ranks' files), and worse, is not a checkpoint."""
-    from raychat.session import first_complete
+    from raychat.runs import first_complete
 
     src = os.path.join(baseline, "step_000008")
     cases = {
@@ -86,7 +86,7 @@ def test_partial_checkpoint_of_one_rank_is_never_resumed(baseline, tmp_path):
         problem = ckpt_files.check_complete(str(d))
         assert problem is not None, f"{name} passed as complete"
         with pytest.raises(RuntimeError, match="incomplete"):
-            ckpt_files.load_rank_files(str(d), 0, "cpu")
+            ckpt_files.load_rank_state(str(d), 0, 1, "cpu")
     logged = []
     with first_complete([str(tmp_path / n) for n in cases] + [os.path.join(baseline, "step_000004")],
                          logged.append) as chosen:

@@ -97,7 +97,7 @@ def test_malicious_pickle_in_a_checkpoint_is_refused(tmp_path):
     ckpt = str(tmp_path / "step_000001")
     _malicious_checkpoint(ckpt, marker)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        ckpt_files.load_rank_files(ckpt, 0, "cpu")
+        ckpt_files.load_rank_state(ckpt, 0, 1, "cpu")
     assert not os.path.exists(marker), "loading the checkpoint ran code"
     # The same file through an unrestricted loader does run it: the payload is live, the refusal is real.
     torch.load(os.path.join(ckpt, "model.pt"), weights_only=False)

@@ -1,4 +1,4 @@
-"""Shards (spec §7.1): listing, the val rule, validation, row groups, download (local HTTP) and prepare."""
+"""Shards (docs/REFERENCE.md §8): listing, the val rule, validation, row groups, download (local HTTP) and prepare."""
 import http.server
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tokenizer (spec §6): training, encode/decode, specials, token_bytes (exact and the 07c4dd4 quirk), files."""
+"""Tokenizer (docs/REFERENCE.md §7): training, encode/decode, specials, token_bytes (exact and the 07c4dd4 quirk), files."""
 import os
 import pickle
 import sys

@@ -2,7 +2,7 @@
 
     python -m raychat.data download -n 8 -w 4          # shards 0..7 plus the val shard 1822
     python -m raychat.data prepare --from stdlib       # offline: the Python stdlib sources as a corpus
-    python -m raychat.data prepare --from ../shared/data/tinyshakespeare.txt --out /tmp/shakespeare
+    python -m raychat.data prepare --from my_corpus/ --out /tmp/my_shards  # .txt/.jsonl/.parquet files
 """
 import argparse
 import sys

@@ -1,4 +1,4 @@
-"""BOS-aligned best-fit packing of tokenized documents into rows of T + 1 tokens (spec §7.2).
+"""BOS-aligned best-fit packing of tokenized documents into rows of T + 1 tokens (docs/REFERENCE.md §8).
 
 The packer holds a buffer of documents and builds each row of `T + 1` tokens like the reference loader:
 
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-DEFAULT_BUFFER_SIZE = 1000  # reference dataloader's buffer_size (spec §7.2)
+DEFAULT_BUFFER_SIZE = 1000  # the reference dataloader's buffer_size
 
 
 class BestFitPacker:

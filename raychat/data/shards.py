@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raychat import storage
 from raychat.common import get_base_dir
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet"
@@ -54,20 +55,18 @@ def shard_name(index: int) -> str:
 def default_data_dir(base_dir: str | None = None, create: bool = True) -> str:
     """`<base>/base_data`, the reference's layout (spec §0); `create=False` (a dry run) makes no directory."""
     base = get_base_dir(base_dir, create=create)
-    return f"{base.rstrip('/')}/{DATA_SUBDIR}" if "://" in base else os.path.join(base, DATA_SUBDIR)
+    return storage.join(base, DATA_SUBDIR)
 
 
 # ---- storage ------------------------------------------------------------------------------------------
 
 def open_filesystem(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path, `file://`, `s3://`, `gs://` or any pyarrow URI."""
-    if "://" in path_or_uri:
-        return pafs.FileSystem.from_uri(path_or_uri)
-    return pafs.LocalFileSystem(), os.path.abspath(path_or_uri)
+    return storage.filesystem(path_or_uri)
 
 
 def _join(data_dir: str, name: str) -> str:
-    return f"{data_dir.rstrip('/')}/{name}" if "://" in data_dir else os.path.join(data_dir, name)
+    return storage.join(data_dir, name)
 
 
 def _basename(path: str) -> str:

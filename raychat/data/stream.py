@@ -42,6 +42,7 @@ from typing import Iterator
 
 import numpy as np
 
+from raychat import storage
 from raychat.data import shards
 from raychat.data.packing import DEFAULT_BUFFER_SIZE, BestFitPacker, split_rows
 
@@ -175,7 +176,7 @@ class SlotDocuments:
         if isinstance(tokenizer_dir, str) and not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.pkl")):
             raise FileNotFoundError(f"tokenizer_dir={tokenizer_dir!r} holds no tokenizer.pkl; train one with "
                                     "`python -m scripts.tok_train`")
-        self.files = [f if "://" in f else os.path.abspath(f) for f in files] if isinstance(files, list) else files
+        self.files = [storage.absolute(f) for f in files] if isinstance(files, list) else files
         self.row_group_counts = list(row_group_counts) if row_group_counts is not None else inspect_files(self.files)
         if len(self.row_group_counts) != len(self.files):
             raise ValueError(f"row_group_counts has {len(self.row_group_counts)} entries for {len(self.files)} files")
@@ -403,6 +404,49 @@ class PackedStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SlotStreams:
+    """This rank's training batches: one PackedStream per data slot it owns, read in slot order, one
+    micro-batch per slot per step, delivered on the device.
+
+    The next step's first batch is fetched ahead, while the accelerator still runs the last backward, so at a
+    save point it is already out of its stream. `state_dict()` therefore returns slot 0's state from before
+    that fetch: a resume starts with exactly the batch this run was about to train on."""
+
+    def __init__(self, files: list[str], tokenizer, B: int, T: int, slots: range, num_slots: int,
+                 states: list | None, backend: str, actors: int, to_device):
+        states = states if states is not None else [None] * len(slots)
+        self.streams = [PackedStream(files, tokenizer, B, T, slot=slot, num_slots=num_slots, state=state,
+                                     backend=backend, actors=actors) for slot, state in zip(slots, states)]
+        self._to_device = to_device
+        self._held_state = self.streams[0].state_dict()
+        self._next = self._fetch(0)
+
+    def _fetch(self, a: int):
+        return self._to_device(*next(self.streams[a]))
+
+    def step_batches(self):
+        """The step's micro-batches (x, y), one per owned slot. Each next batch is fetched when the caller asks
+        for it, i.e. after the caller's backward of the previous one was queued."""
+        for a in range(len(self.streams)):
+            batch = self._next
+            nxt = (a + 1) % len(self.streams)
+            yield batch
+            if nxt == 0:
+                self._held_state = self.streams[0].state_dict()
+            self._next = self._fetch(nxt)
+
+    def state_dict(self) -> list:
+        return [self._held_state] + [s.state_dict() for s in self.streams[1:]]
+
+    @property
+    def epoch(self) -> int:
+        return self.streams[0].epoch
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.close()
 
 
 def val_stream(val_file: str, tokenizer_dir: str, B: int, T: int, rank: int, world_size: int,
