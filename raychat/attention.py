@@ -1,4 +1,4 @@
-"""Causal attention with FlashAttention-3 when it is there, PyTorch SDPA otherwise (spec §4).
+"""Causal attention with FlashAttention-3 when it is there, PyTorch SDPA otherwise (docs/REFERENCE.md §6).
 
 Both entry points take and return FA3's layout, (batch, time, heads, head_dim), so model code never
 transposes. Window sizes follow FA3: `window_size=(left, right)`, a query at position p attends to keys

@@ -66,9 +66,9 @@ def save_rank_files(directory: str, rank: int, optim_state: dict, data_state, mo
 
 
 def file_crc32(path: str) -> int:
-    """CRC-32 of a file's bytes. Against bit rot, not an adversary: zlib's CRC runs at ~3.9 GB/s here (blake2b
-    0.8, sha256 1.8) and releases the GIL, so it costs the writer thread ~0.4 s per GB (BENCHMARKS.md). Read
-    back from the file just written (page cache), so the sum covers the bytes that reached the disk."""
+    """CRC-32 of a file's bytes. Against bit rot, not an adversary: zlib's CRC is several times faster than
+    a cryptographic hash and releases the GIL, so the writer thread pays little for it (docs/BENCHMARKS.md).
+    Read back from the file just written (page cache), so the sum covers the bytes that reached the disk."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):

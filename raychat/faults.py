@@ -14,8 +14,6 @@ import signal
 
 import torch
 
-KINDS = ("exit", "kill", "kill-in-checkpoint", "nan")
-
 
 class FaultInjector:
     def __init__(self, cfg, rank: int, run_dir: str):

@@ -35,10 +35,10 @@ SAMPLE_PROMPTS = [
     "If 5*x + 3 = 13, then x is",
 ]
 
-# --compile auto compiles on CPU from this much forward+backward work per micro-batch (6 x params x tokens plus
-# attention, derive's num_flops_per_token): d4 at B 8 x T 256 is 85 GFLOP, the tests' tiny runs ~0.1-1. At d4
-# on 2 cores compiling made a step ~2x faster, after ~100 s of cold compile (seconds from a warm cache,
-# docs/LOG.md); at the tests' sizes the step is milliseconds and the compile would dominate the suite.
+# --compile auto compiles on CPU from this much forward+backward work per micro-batch (derive's
+# num_flops_per_token x B x T): d4 at B 8 x T 256 is above it, the tests' tiny runs (~0.1-1 GFLOP) far below.
+# Above it a compiled step wins back the cold compile within one run; below it the step is milliseconds and
+# the compile would dominate (the measurements are in docs/LOG.md).
 CPU_COMPILE_MIN_FLOPS = 20e9
 
 

@@ -1,4 +1,4 @@
-"""The GPT of nanochat at 07c4dd4 (spec §2), with its parameter grouping for MuonAdamW (spec §2.10).
+"""The GPT of nanochat at 07c4dd4, with its parameter grouping for MuonAdamW (docs/REFERENCE.md).
 
 Architecture in one breath: token embedding → RMSNorm (kept as x0) → L pre-norm blocks, each preceded by
 x ← resid_λ·x + x0_λ·x0 → RMSNorm → untied lm_head → fp32 softcap 15. A block is causal attention with
@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from raychat.attention import flash_attn_func, flash_attn_with_kvcache
 from raychat.common import print0
 
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input (§2.4)
-SOFTCAP = 15.0          # logits ← 15·tanh(logits/15), in fp32 (§2.6)
-ROPE_BASE = 10000.0     # §2.3 (HEAD later moved to 100000, §17; not ported)
-ROPE_OVERALLOC = 10     # cos/sin cover 10 × sequence_len positions (§2.3)
-VOCAB_PAD = 64          # the embedding and head rows are padded to a multiple of 64 (§2.2)
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input
+SOFTCAP = 15.0          # logits ← 15·tanh(logits/15), in fp32
+ROPE_BASE = 10000.0     # the seed's value (later nanochat uses 100000)
+ROPE_OVERALLOC = 10     # cos/sin cover 10 × sequence_len positions
+VOCAB_PAD = 64          # the embedding and head rows are padded to a multiple of 64
 
 
 @dataclass
@@ -71,19 +71,19 @@ class GPTConfig:
 def norm(x: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dimension, default eps, output in the input's dtype.
 
-    torch ≥ 2.12 runs rms_norm in fp32 under CUDA autocast (spec §5 "Porting caution"); casting back keeps
+    torch ≥ 2.12 runs rms_norm in fp32 under CUDA autocast; casting back keeps
     the reference's bf16 residual stream and bf16 q/k for attention. Outside autocast this cast is a no-op.
     """
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def has_ve(layer_idx: int, n_layer: int) -> bool:
-    """Value embeddings on every other layer, counting back from the last, which always has one (§2.2)."""
+    """Value embeddings on every other layer, counting back from the last, which always has one."""
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, T, H, D) by the "split halves" convention; this rotates by −θ (spec §2.3).
+    """Rotate (B, T, H, D) by the "split halves" convention; this rotates by −θ.
 
     The sign is the transpose of the textbook one. Attention only sees relative rotations, so it is
     equivalent, but trained checkpoints depend on it: keep it.
@@ -94,7 +94,7 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def window_sizes(config: GPTConfig) -> list[tuple[int, int]]:
-    """Per-layer (left, right) attention windows (spec §2.5).
+    """Per-layer (left, right) attention windows.
 
     'L' → (T, 0) and 'S' → (T // 2, 0), the pattern tiled over layers, the last layer forced to (T, 0).
     QUIRK kept: "full" is the finite window T, not −1, so on rows longer than T (CORE evaluation) the
@@ -116,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
         d = config.n_embd
-        # Registration order matters for optimizer grouping and init RNG order (§2.2).
+        # Registration order matters for optimizer grouping and init RNG order.
         self.c_q = nn.Linear(d, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
@@ -179,7 +179,7 @@ class GPT(nn.Module):
         self.padded_vocab_size = vocab
         kv_dim = config.n_kv_head * config.head_dim
         L = config.n_layer
-        # Attribute order = state-dict order of the reference (§2.2).
+        # Attribute order = state-dict order of the reference.
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(vocab, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(L)]),
@@ -195,7 +195,7 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _rotary_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape (1, rotary_seq_len, 1, Dh/2): angles in fp32, stored bf16 on every device (§2.3)."""
+        """cos/sin of shape (1, rotary_seq_len, 1, Dh/2): angles in fp32, stored bf16 on every device."""
         dim = self.config.head_dim
         inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
         t = torch.arange(self.rotary_seq_len, dtype=torch.float32, device=device)
@@ -204,7 +204,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter as the reference does (spec §2.7), drawing in its order.
+        """Initialise every parameter as the reference does, drawing in its order.
 
         On CUDA only, wte and the value embeddings are then stored in bf16 (their grads and AdamW states
         follow); everything else stays fp32.
@@ -220,7 +220,7 @@ class GPT(nn.Module):
             nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
             nn.init.zeros_(block.mlp.c_proj.weight)
         self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)  # 0.1, not the 0.0 a reference comment suggests (§2.7)
+        self.x0_lambdas.fill_(0.1)  # 0.1, not the 0.0 a reference comment suggests
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -s, s)
         for block in self.transformer.h:
@@ -270,7 +270,7 @@ class GPT(nn.Module):
     # ---- sizes -------------------------------------------------------------------------------------------
 
     def num_scaling_params(self) -> dict[str, int]:
-        """Parameter counts by part (spec §2.9). The horizon uses transformer_matrices + lm_head."""
+        """Parameter counts by part. The horizon uses transformer_matrices + lm_head."""
         counts = {
             "wte": self.transformer.wte.weight.numel(),
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
@@ -283,7 +283,7 @@ class GPT(nn.Module):
         return counts
 
     def estimate_flops(self) -> int:
-        """Training FLOPs per token, forward + backward (spec §2.8).
+        """Training FLOPs per token, forward + backward.
 
         6 × every matmul weight (lm_head and ve_gates included; embeddings and lambdas excluded), plus
         12·H·Dh·min(window, T) per layer for the score and value matmuls.
@@ -301,7 +301,7 @@ class GPT(nn.Module):
     def optimizer_groups(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
                          weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
                          scalar_lr: float = 0.5) -> list[dict]:
-        """The parameter groups of spec §2.10, in order, each with `initial_lr` set.
+        """The reference's parameter groups, in order, each with `initial_lr` set.
 
         AdamW: lm_head, wte, value embeddings, resid_lambdas, x0_lambdas (betas hard-coded to (0.96, 0.95)).
         Muon: every block parameter, one group per distinct shape in sorted shape order, module order within.

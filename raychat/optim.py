@@ -1,23 +1,23 @@
 """Muon + AdamW in one optimizer, single-process (`MuonAdamW`) and ZeRO-2 sharded (`DistMuonAdamW`).
 
-Spec §3. Each param group carries `kind`:
+Each param group carries `kind`:
   adamw: {kind, params, lr, betas, eps, weight_decay}
   muon:  {kind, params, lr, momentum, ns_steps, beta2, weight_decay}; every param 2-D, one shape per group
 Groups may carry extra keys (the training loop adds `initial_lr`); they are kept and saved untouched.
 
 The maths lives once, in two kernels (`adamw_kernel_`, `muon_kernel_`) that both classes call; the classes
 differ only in where the gradients come from (local `.grad`, or an averaged shard) and where the results go.
-nanochat duplicated the step between its two classes; STYLE §9 asks for one implementation.
+nanochat writes the step twice, once per class; here it exists once.
 
-Hyperparameters reach the kernels as 0-d fp32 CPU tensors (§3), so changing lr/momentum/wd every step does
+Hyperparameters reach the kernels as 0-d fp32 CPU tensors, so changing lr/momentum/wd every step does
 not recompile them. The kernels are `torch.compile(dynamic=False, fullgraph=True)` like the reference where
 the caller asks (`compile_kernels`; the training loop's --compile) and by default on CUDA (COMPILE_KERNELS).
 
-Precision (§3.2 QUIRK, §5). The reference runs Polar Express in bf16 and then casts beta2, lr and wd to the
+Precision. The reference runs Polar Express in bf16 and then casts beta2, lr and wd to the
 result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype=None` reproduces that on CUDA and on CPUs with native
-bf16 matmuls (avx512_bf16, AMX-bf16, ARM bf16: `cpu_has_native_bf16`), where it is also 3-5x faster than
-fp32. On other CPUs bf16 is emulated and ~20x slower (95% of a d4 step), so there it runs in fp32 with exact
-beta2/lr/wd (docs/BENCHMARKS.md, docs/LOG.md).
+bf16 matmuls (avx512_bf16, AMX-bf16, ARM bf16: `cpu_has_native_bf16`), where it is also the fastest. On
+other CPUs bf16 is emulated and many times slower, so there it runs in fp32 with exact beta2/lr/wd
+(`default_ortho_dtype`; the figures are in docs/BENCHMARKS.md).
 """
 import functools
 import math
@@ -31,7 +31,7 @@ from torch import Tensor
 # ~50 s on a 2-core CPU, which a small or short CPU run (the tests) never wins back. Flip to False to debug.
 COMPILE_KERNELS = {"cuda": True, "cpu": False}
 
-# Polar Express coefficients (a, b, c), one triple per iteration, in order (spec §3.2; arXiv 2505.16932,
+# Polar Express coefficients (a, b, c), one triple per iteration, in order (arXiv 2505.16932,
 # num_iters = 5, safety_factor = 2e-2, cushion = 2).
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -45,7 +45,7 @@ POLAR_EXPRESS_COEFFS = (
 NORM_SLACK, NORM_EPS = 1.02, 1e-6
 
 # AdamW params with fewer elements than this are all-reduced and updated whole on every rank; larger ones
-# are reduce-scattered along dim 0 and their state sharded (spec §3.3).
+# are reduce-scattered along dim 0 and their state sharded.
 SMALL_PARAM_NUMEL = 1024
 
 # torch 2.13 calls these collectives *_single and deprecates the older names, which are all that older torch
@@ -60,11 +60,11 @@ _GROUP_KEYS = {
 
 
 # ------------------------------------------------------------------------------------------------------
-# The maths (spec §3.1, §3.2). Pure functions of tensors; the hyperparameters are 0-d fp32 CPU tensors.
+# The maths. Pure functions of tensors; the hyperparameters are 0-d fp32 CPU tensors.
 
 def adamw_kernel_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
                   beta1: Tensor, beta2: Tensor, eps: Tensor, wd: Tensor) -> None:
-    """One AdamW update of `p` in place (§3.1): decoupled decay, then bias-corrected Adam.
+    """One AdamW update of `p` in place: decoupled decay, then bias-corrected Adam.
 
     The arithmetic runs in p's dtype: 0-d hyperparameter tensors do not promote (bf16 for wte/VE on CUDA).
     """
@@ -100,7 +100,7 @@ def polar_express(u: Tensor, ns_steps: int, dtype: torch.dtype) -> Tensor:
 def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum_buffer: Tensor,
                  momentum: Tensor, lr: Tensor, wd: Tensor, beta2: Tensor, ns_steps: int,
                  ortho_dtype: torch.dtype) -> None:
-    """One Muon update (§3.2) of the stacked `params` (K, rows, cols) in place. `grads` is a scratch stack
+    """One Muon update of the stacked `params` (K, rows, cols) in place. `grads` is a scratch stack
     (overwritten); the two buffers are this stack's state, (K, rows, cols) and (K, rows, 1) or (K, 1, cols).
 
     `lr` is already the effective lr (group lr × sqrt(max(1, rows/cols))).
@@ -109,7 +109,7 @@ def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_
     mu = momentum.to(grads.dtype)
     momentum_buffer.lerp_(grads, 1 - mu)
     u = grads.lerp_(momentum_buffer, mu)
-    # 2. Orthogonalise. g stays in ortho_dtype from here on, and so do beta2/lr/wd (the §3.2 QUIRK).
+    # 2. Orthogonalise. g stays in ortho_dtype from here on, and so do beta2/lr/wd (the reference's quirk, kept).
     g = polar_express(u, ns_steps, ortho_dtype)
     beta2, lr, wd = beta2.to(g.dtype), lr.to(g.dtype), wd.to(g.dtype)
     # 3. NorMuon variance reduction: per-row (tall/square) or per-column (wide) running mean of g², no bias
@@ -131,9 +131,8 @@ def default_ortho_dtype(device: torch.device | str) -> torch.dtype:
     """The Polar Express dtype `ortho_dtype=None` picks: the reference's bf16 where bf16 matmuls are native
     (CUDA; CPUs with `cpu_has_native_bf16()`), fp32 elsewhere.
 
-    Where bf16 is native the reference's own arithmetic is also the fastest (3-5x fp32 in the optimizer on
-    avx512_bf16, docs/BENCHMARKS.md); where it is emulated it is ~20x slower, and fp32 differs from it by at
-    most 0.017 in the loss over 20 d4 steps. Pass `ortho_dtype` to force one.
+    Where bf16 is emulated it costs most of a step, and fp32 stays close to the reference's trajectory
+    (docs/BENCHMARKS.md). Pass `ortho_dtype` to force one.
     """
     kind = torch.device(device).type
     return torch.bfloat16 if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()) else torch.float32
@@ -174,7 +173,7 @@ def _kernels(device_type: str, compiled: bool | None = None):
 # Single process
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon for the transformer matrices, AdamW for the rest (spec §3), on one process.
+    """Muon for the transformer matrices, AdamW for the rest, on one process.
 
     `ortho_dtype`: dtype of the Polar Express iteration. None picks per device with `default_ortho_dtype`
     (bf16, the reference's behaviour, where bf16 matmuls are native; fp32 otherwise); torch.bfloat16 or
@@ -237,7 +236,7 @@ class MuonAdamW(torch.optim.Optimizer):
             return
         hp = self._hp
         hp["momentum"].fill_(group["momentum"])
-        hp["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))  # §3.2: tall matrices get more
+        hp["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))  # tall matrices get a larger step
         hp["wd"].fill_(group["weight_decay"])
         hp["beta2"].fill_(group["beta2"])
         _, muon = _kernels(params.device.type, self.compile_kernels)
@@ -307,7 +306,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def _muon_state_shapes(rows: int, cols: int, n_state: int) -> tuple[tuple, tuple]:
     """Shapes of momentum_buffer and second_momentum_buffer for n_state stacked (rows, cols) matrices: the
-    second moment is factored, one statistic per row (rows >= cols) or per column (wide), §3.2."""
+    second moment is factored, one statistic per row (rows >= cols) or per column (wide)."""
     return (n_state, rows, cols), ((n_state, rows, 1) if rows >= cols else (n_state, 1, cols))
 
 
@@ -339,7 +338,7 @@ def _validate_group(group: dict) -> None:
 # Distributed (ZeRO-2)
 
 class DistMuonAdamW(MuonAdamW):
-    """MuonAdamW over the default process group with ZeRO-2 sharding (spec §3.3). No DDP wrapper: the
+    """MuonAdamW over the default process group with ZeRO-2 sharding. No DDP wrapper: the
     gradients are averaged here, inside step(), so every rank must call step() with its local gradients.
 
     - AdamW params with numel < 1024: all_reduce(AVG), full update with replicated state on every rank.
@@ -355,7 +354,7 @@ class DistMuonAdamW(MuonAdamW):
     ReduceOp.AVG is used on every backend. (The reference targets NCCL only; gloo on torch 2.13 implements
     AVG for all_reduce and reduce_scatter, verified on this project's pinned version, so the CPU path needs
     no SUM-then-divide special case.) torch.distributed must already be initialised (Ray Train does it).
-    A state dict is this rank's shard: valid only for the same world size and groups (§3.4).
+    A state dict is this rank's shard: valid only for the same world size and groups.
     """
 
     def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None, compile_kernels: bool | None = None):

@@ -9,7 +9,8 @@
 #                                              # estimated on an H100; not yet run on one)
 #
 # `run` needs torch (CUDA), pyarrow, tiktoken, numpy, pyyaml, pytest and this checkout on the Python path: no Ray,
-# as the MFU run is bench_train's `local` loop (Ray's cost per step measured within 1%: docs/BENCHMARKS.md).
+# as the MFU run is bench_train's `local` loop: the step's code is the same under Ray, whose processes only
+# compete for CPU cores (docs/BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=.gpu

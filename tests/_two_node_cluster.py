@@ -5,7 +5,7 @@
 Why a helper process: the test process may already hold the session's local Ray (conftest `ray_local`), and
 a process can attach to one Ray only, so this cluster lives elsewhere. Why `ray.cluster_utils.Cluster` and
 not `ray start --address`: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps every socket on loopback,
-the `ray start` CLI refuses to join a second node (RAY_PRACTICE §8); `Cluster.add_node` starts the same
+the `ray start` CLI refuses to join a second node on the same machine; `Cluster.add_node` starts the same
 raylet + object store a second `ray start` would, registered with the head's GCS, without the CLI's check.
 
 Protocol (one line of JSON each way, so the test never parses logs):

@@ -1,4 +1,4 @@
-"""Shared fixtures. Every test runs on loopback with a real local Ray; see RAY_PRACTICE §8."""
+"""Shared fixtures. Every test runs with a real local Ray whose traffic stays on 127.0.0.1 (the settings below)."""
 import hashlib
 import os
 import tempfile

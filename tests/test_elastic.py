@@ -145,8 +145,9 @@ def _dist_train(rank, world, out_dir, steps, start_state, start_params):
         for p, q in zip(_flat(ps), start_params):
             p.data.copy_(q)
     opt = DistMuonAdamW(_groups(ps))
-    if start_state is not None:
-        opt.load_state_dict(torch.load(start_state, weights_only=True))  # a list: every rank's shard
+    if start_state is not None:  # every rank's shard of another world size, laid out for this one
+        shards = torch.load(start_state, weights_only=True)
+        opt.load_state_dict(reshard(shards, opt.param_shapes(), rank, world))
     for s in steps:
         # The same gradient on every rank: the average over ranks is then the single-process gradient.
         for p, g in zip(_flat(ps), _grads(_flat(ps), s)):
@@ -173,7 +174,7 @@ def test_real_shards_reshard_and_continue(tmp_path):
     for p, q in zip(_flat(ps), params):
         p.data.copy_(q)
     single = MuonAdamW(_groups(ps))
-    single.load_state_dict(shards)
+    single.load_state_dict(gather_full_state(shards, shapes))
     for s in range(2, 4):
         for p, g in zip(_flat(ps), _grads(_flat(ps), s)):
             p.grad = g

@@ -1,6 +1,6 @@
 """Per-slot document streams, tokenized by a Ray Data actor pool (or inline), packed, with exact resume.
 
-What a slot reads (docs/ARCHITECTURE.md "slots", spec §7.2 and §8): slot `s` of `S` reads, in every
+What a slot reads (docs/ARCHITECTURE.md "slots"): slot `s` of `S` reads, in every
 training file in sorted order, row groups s, s + S, s + 2S, ...; all slots walk the same file sequence;
 after the last file a new epoch starts (epochs count from 1), forever. One epoch of a slot is therefore a
 fixed list of (file, row group) pairs, its *schedule*, and the slot's infinite stream is the schedule
@@ -21,7 +21,7 @@ Backends (identical batches; tests/test_stream.py checks it):
   streaming backpressure bounds how far).
   Why not `read_parquet` + `streaming_split`: in Ray 2.60 a split gives no deterministic per-rank
   assignment of row groups (blocks go to whichever consumer asks first) and a Ray Data iterator has no
-  resumable position (no `state_dict()`, RAY_PRACTICE §2), so a restart would replay or skip data. Here
+  resumable position (no `state_dict()`), so a restart would replay or skip data. Here
   the position is ours: an item index plus a document offset.
 - "inline": the same read+tokenize function in the calling process (no Ray): validation streams,
   benchmarks, and running without a cluster.
@@ -31,7 +31,7 @@ chunk and the packer's buffer as document references (item, doc index). Loading 
 the few row groups those references name (tokenization is deterministic), rebuilds the buffer in the same
 order and continues; the next batches equal the uninterrupted stream's. This changes the reference on
 purpose: its state is the last fetched chunk's (file, row group) and resume skips to the next block of
-row groups, dropping the buffer (spec §7.2, §9).
+row groups, dropping the buffer.
 """
 import functools
 import itertools
@@ -47,7 +47,7 @@ from raychat.data import shards
 from raychat.data.packing import DEFAULT_BUFFER_SIZE, BestFitPacker, split_rows
 
 STATE_VERSION = 1
-DEFAULT_CHUNK_SIZE = 128  # the reference's tokenizer batch (spec §7.2)
+DEFAULT_CHUNK_SIZE = 128  # the reference's tokenizer batch
 DEFAULT_WINDOW = 1024  # row groups per Ray Data dataset; a new pipeline starts after each window
 LOOKAHEAD_BYTES = 256 * 1024**2  # tokenized row groups a Ray Data stream may hold ahead of its trainer
 # Ray Data's scheduling loop runs in the training worker's process and, once backpressure has stopped every
