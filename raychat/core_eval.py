@@ -1,4 +1,4 @@
-"""The CORE metric (DCLM): 22 in-context-learning tasks scored by a base model (spec §10.2, quirk §16.17).
+"""The CORE metric (DCLM): 22 in-context-learning tasks scored by a base model (docs/REFERENCE.md §9).
 
 Three task types, each scored from one forward pass per example:
 - multiple_choice: one prompt per choice (shared context, differing continuation); the choice whose
@@ -36,14 +36,14 @@ from raychat.common import dist_info, get_base_dir, print0
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
-# Fields each task type reads from a JSONL line (spec §10.2 "JSONL item fields").
+# Fields each task type reads from a JSONL line .
 _ITEM_FIELDS = {
     "multiple_choice": ("query", "choices", "gold"),
     "schema": ("context_options", "continuation", "gold"),
     "language_modeling": ("context", "continuation"),
 }
 
-# Seeds of the reference (spec §10.2): one shuffle of each task's lines, then per-example few-shot draws.
+# Seeds of the reference: one shuffle of each task's lines, then per-example few-shot draws.
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED = 1234
 
@@ -59,7 +59,7 @@ class CoreTask:
     dataset_uri: str = ""
 
 
-# The documented expectation: DCLM's low-variance CORE configuration as the spec lists it (§10.2). The
+# The documented expectation: DCLM's low-variance CORE configuration. The
 # downloaded core.yaml / eval_meta_data.csv are authoritative; `load_bundle` warns where they differ.
 _MC, _SCHEMA, _LM = TASK_TYPES
 _ANS = "\nAnswer: "
@@ -362,7 +362,7 @@ def evaluate_example(idx: int, model, tokenizer, data: list[dict], device, task:
     item = data[idx]
     fewshot = []
     if task.num_fewshot > 0:
-        # QUIRK (§16.17): few-shot examples come from the truncated list, drawn with a per-example seed.
+        # QUIRK, kept: few-shot examples come from the truncated list, drawn with a per-example seed.
         rng = random.Random(FEWSHOT_SEED + idx)
         others = [i for i in range(len(data)) if i != idx]
         fewshot = [data[i] for i in rng.sample(others, task.num_fewshot)]
@@ -376,7 +376,7 @@ def evaluate_example(idx: int, model, tokenizer, data: list[dict], device, task:
     max_len = getattr(model, "max_seq_len", None)
     if max_len is not None:
         # Models with a hard context (HF GPT-2) keep the last max_len tokens, shifting the spans. raychat's GPT
-        # has no such attribute, so CORE sequences are not cropped (§10.2).
+        # has no such attribute, so CORE sequences are not cropped.
         crop = [max(0, len(r) - max_len) for r in rows]
         rows = [r[c:] for r, c in zip(rows, crop)]
         starts = [s - c for s, c in zip(starts, crop)]

@@ -4,9 +4,9 @@
     python -m raychat.eval --checkpoint DIR                        # one raychat checkpoint directory
     python -m raychat.eval --nanochat DIR [--step N]               # a nanochat base_checkpoints/<tag> dir
 
-It measures CORE, bits per byte on the train and val splits and draws samples (the
-seven greedy prompts plus unconditioned samples at temperature 1), on `--num-workers` Ray Train workers that
-split the examples and reduce the results. Results go beside the checkpoint as eval.json and eval.md.
+It measures CORE, bits per byte on the train and val splits and draws samples (the seven greedy prompts plus
+unconditioned samples at temperature 1), on `--num-workers` Ray Train workers that split the examples and
+reduce the results. Results go beside the checkpoint as eval.json and eval.md.
 """
 import argparse
 import contextlib
@@ -15,13 +15,13 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import nullcontext
 
 import torch
 
 from raychat import checkpoint as ckpt_files
 from raychat import runs, storage
-from raychat.common import autodetect_device_type, cli_parser, get_base_dir
+from raychat.common import cli_parser, get_base_dir
+from raychat.device import DeviceContext
 
 EVALS = ("core", "bpb", "sample")
 
@@ -120,9 +120,8 @@ def evaluate(args, session) -> dict:
     from raychat.tokenizer import TOKEN_BYTES_FILE, Tokenizer
 
     rank, world = session.rank, session.world_size
-    device_type = args.device_type or autodetect_device_type()
-    device = session.device(device_type)
-    autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    dev = DeviceContext.for_session(session, args.device_type)
+    device = dev.device
     with open_checkpoint(args) as (kind, directory, local_dir):
         model, meta = load_model(kind, local_dir, args.step, device)
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
@@ -135,7 +134,7 @@ def evaluate(args, session) -> dict:
 
     if "core" in todo:
         core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task,
-                             bundle_dir=download_eval_bundle(args.base_dir), autocast_ctx=autocast_ctx)
+                             bundle_dir=download_eval_bundle(args.base_dir), autocast_ctx=dev.autocast())
         results["core"] = core
         session.log(f"CORE metric: {core['core_metric']:.4f}")
     if "bpb" in todo:
@@ -161,15 +160,15 @@ def evaluate(args, session) -> dict:
                 stream = (PackedStream(train_files, args.tokenizer_dir, B, T, slot=s, num_slots=streams,
                                        backend="inline")
                           if split == "train" else val_stream(val_file, args.tokenizer_dir, B, T, s, streams))
-                with stream, torch.no_grad(), autocast_ctx:
-                    n, b = bpb_sums(model, ((x.to(device), y.to(device)) for x, y in stream), steps, token_bytes)
+                with stream, torch.no_grad(), dev.autocast():
+                    n, b = bpb_sums(model, (dev.to_device(x, y) for x, y in stream), steps, token_bytes)
                 nats, nbytes = nats + n, nbytes + b
             results["bpb"][split] = bpb = bpb_from_sums(nats, nbytes)
             session.log(f"{split} bpb: {bpb:.6f} ({layout})")
     if "sample" in todo and rank == 0:
         engine = Engine(model, tokenizer)
         samples = []
-        with autocast_ctx:
+        with dev.autocast():
             for prompt in SAMPLE_PROMPTS:
                 seqs, _ = engine.generate_batch(tokenizer(prompt, prepend="<|bos|>"), num_samples=1, max_tokens=16,
                                                 temperature=0)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from raychat.config import TrainConfig, as_number, coerce
+from raychat.storage import absolute
 
 TOP_KEYS = ("name", "storage_path", "train", "search_space", "num_samples", "search_alg", "seed", "scheduler",
             "max_concurrent_trials", "resources", "max_failures")
@@ -109,7 +110,8 @@ class Sweep:
         """Logical resources one trial holds: its Tune driver plus its Train workers (and Ray Data actors)."""
         res = self.resources
         cpus = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
-        if self.train.get("data_backend", TrainConfig.data_backend) != "inline":  # auto is ray in a trial
+        # `auto` may resolve to Ray Data in a trial (local_ray.resolve_auto): reserve its actors' CPUs too.
+        if self.train.get("data_backend", TrainConfig.data_backend) != "inline":
             cpus += res["workers"] * self.train.get("data_actors", TrainConfig.data_actors)  # 1 CPU per actor
         return {"CPU": cpus, "GPU": res["workers"] * res["gpus_per_worker"]}
 
@@ -244,8 +246,8 @@ def parse_sweep(data, path: str, text: str = "", overrides: dict | None = None) 
         storage = os.path.join(get_base_dir(data.get("train", {}).get("base_dir")
                                             if isinstance(data.get("train"), dict) else None, create=False),
                                "sweeps")  # not created here: a dry run loads the sweep too
-    elif "://" not in storage:
-        storage = os.path.abspath(os.path.expanduser(storage))
+    else:
+        storage = absolute(storage)
 
     # --- base flags ---
     train = {}

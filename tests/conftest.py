@@ -96,8 +96,9 @@ def tiny_tokenizer_dir(shakespeare_path, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------
-# A tiny training run shared by the training, reliability and export tests: 2 gloo workers, depth 2,
-# 16 steps, checkpoints every 4. `baseline` is the uninterrupted reference every resumed run must equal.
+# A tiny training run shared by the loop, training, reliability and export tests: depth 2, 16 steps, 2
+# micro-batches (data slots) per step, evaluation every 8 steps, checkpoints every 4. A baseline is the
+# uninterrupted run every resumed run must equal.
 
 STEPS = 16
 
@@ -109,6 +110,56 @@ def tiny_args(data_dir, tok_dir, storage, name, *extra):
             "--core-metric-every", "-1", "--sample-every", "-1", "--save-every", "4",
             "--data-dir", data_dir, "--tokenizer-dir", tok_dir, "--storage-path", storage,
             "--run-name", name, *extra]
+
+
+def tiny_config(data_dir, tok_dir, storage, name, *extra):
+    """The TrainConfig of `tiny_args`, as the driver hands it over (paths resolved)."""
+    from raychat.config import parse_args
+
+    return parse_args(tiny_args(data_dir, tok_dir, storage, name, *extra)).resolve_paths()
+
+
+def train_local(cfg):
+    """The training loop in this process, without Ray (one worker): (summary, session)."""
+    from raychat.loop import train
+    from raychat.session import LocalSession
+
+    session = LocalSession(cfg)
+    summary = train(cfg, session)
+    return summary, session
+
+
+def _gloo_train(rank, world_size, cfg_dict, out_dir):
+    import json
+
+    from raychat.config import TrainConfig
+    from raychat.loop import train
+    from raychat.session import LocalSession
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    session = LocalSession(cfg)
+    session.rank, session.world_size = rank, world_size  # the process group is _gloo's
+    summary = train(cfg, session)
+    with open(os.path.join(out_dir, f"summary_rank{rank}.json"), "w") as f:
+        json.dump(summary, f, default=str)
+
+
+def train_gloo(cfg, world_size=2):
+    """The training loop on `world_size` real processes joined by gloo, without Ray (each rank persists its
+    files into the same step directories, as Ray Train workers do): every rank's summary."""
+    import dataclasses
+    import json
+
+    from tests._gloo import run_gloo
+
+    assert cfg.num_workers == world_size, "the config's --num-workers sizes the run (threads, fault rank)"
+    with tempfile.TemporaryDirectory(prefix="gloo-summaries-") as out:
+        run_gloo(_gloo_train, world_size, dataclasses.asdict(cfg), out)
+        summaries = []
+        for r in range(world_size):
+            with open(os.path.join(out, f"summary_rank{r}.json")) as f:
+                summaries.append(json.load(f))
+    return summaries
 
 
 def load_step(run_dir, step):
@@ -157,6 +208,14 @@ def tree_hashes(root):
 @pytest.fixture(scope="session")
 def storage(tmp_path_factory):
     return str(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="session")
+def local_baseline(tiny_data_dir, tiny_tokenizer_dir, storage):
+    """The uninterrupted run in this process without Ray: 1 worker x 2 micro-batches, tokens packed inline."""
+    summary, _ = train_local(tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "local-baseline"))
+    assert summary["stopped"] is None and summary["step"] == STEPS
+    return os.path.join(storage, "local-baseline")
 
 
 @pytest.fixture(scope="session")

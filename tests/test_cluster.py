@@ -111,7 +111,7 @@ def test_launcher_topology_image_and_security(name):
     gpu = _gpu_type(config)
     assert gpu["resources"]["GPU"] == 8 and gpu.get("min_workers", 0) == 0
     assert config["max_workers"] >= gpu["max_workers"] >= 1
-    # Client, image and cluster on one Ray version (RAY_PRACTICE §4).
+    # Client, image and cluster on one Ray version: a mismatch fails at connect time.
     assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
     # Only SSH from outside: no extra inbound rules, dashboard on loopback, token auth on everywhere.
     assert "IpPermissions" not in config["provider"].get("security_group", {})

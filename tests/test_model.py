@@ -7,7 +7,7 @@ import torch
 from raychat.engine import KVCache
 from raychat.model import GPT, GPTConfig, apply_rotary_emb, norm, window_sizes
 
-# Spec §14.4 (V = 32768, T = 2048, SSSL, head_dim 128).
+# The reference's d20-d26 shapes (V = 32768, T = 2048, SSSL, head_dim 128).
 SIZE_TABLE = {
     # depth: (d, heads, wte, value_embeds, lm_head, transformer_matrices, scalars, total, scaling, flops)
     12: (768, 6, 25_165_824, 150_994_944, 25_165_824, 84_935_808, 24, 286_262_424, 110_101_632, 802_167_552),
@@ -57,7 +57,7 @@ def test_sizes_match_spec_table(depth):
 
 
 def test_window_pattern_layers():
-    # Spec §2.5: L layers for SSSL, with the last layer forced long.
+    # SSSL tiles the layers, with the last layer forced long.
     for depth, long_layers in [(12, [3, 7, 11]), (20, [3, 7, 11, 15, 19]), (24, [3, 7, 11, 15, 19, 23]),
                                (26, [3, 7, 11, 15, 19, 23, 25])]:
         sizes = meta_model(depth).window_sizes
@@ -68,7 +68,7 @@ def test_window_pattern_layers():
 
 
 def expected_state_dict(L, V, d, H, Hkv):
-    """Spec §2.2's keys in state-dict order. PyTorch lists a module's own parameters before its submodules',
+    """The reference's keys in state-dict order. PyTorch lists a module's own parameters before its submodules',
     so the two lambdas come first, as in the reference (same registration order)."""
     Dh = d // H
     entries = [("resid_lambdas", (L,)), ("x0_lambdas", (L,)), ("transformer.wte.weight", (V, d))]
@@ -86,7 +86,7 @@ def expected_state_dict(L, V, d, H, Hkv):
 
 @pytest.mark.parametrize("n_layer", [3, 4])
 def test_state_dict_layout(n_layer):
-    # vocab 100 pads to 128 (spec §2.2); the rotary tables are not saved.
+    # vocab 100 pads to 128; the rotary tables are not saved.
     model = small_model(n_layer=n_layer, randomize=False)
     sd = model.state_dict()
     assert [(k, tuple(t.shape)) for k, t in sd.items()] == expected_state_dict(n_layer, 128, 64, 4, 2)
@@ -250,7 +250,7 @@ def test_d2_overfits_one_batch():
 
 def test_optimizer_groups_d24():
     model = meta_model(24)
-    groups = model.optimizer_groups(embedding_lr=0.3, weight_decay=0.05)  # base_train's defaults (spec §1)
+    groups = model.optimizer_groups(embedding_lr=0.3, weight_decay=0.05)  # base_train's defaults
     assert [g["kind"] for g in groups] == ["adamw"] * 5 + ["muon"] * 4
     assert groups[0]["params"] == [model.lm_head.weight]
     assert groups[1]["params"] == [model.transformer.wte.weight]
@@ -287,7 +287,7 @@ def test_build_optimizer_picks_single_or_distributed_muon_adamw():
     assert all("initial_lr" in g for g in opt.param_groups)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA precision path (spec §5)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA precision path")
 def test_cuda_bf16_dataflow():
     torch.manual_seed(0)
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""MuonAdamW / DistMuonAdamW against naive re-derivations of spec §3 and against torch.optim.AdamW.
+"""MuonAdamW / DistMuonAdamW against naive re-derivations of the maths (docs/REFERENCE.md §5) and against torch.optim.AdamW.
 
 All CPU, fp32 params. The distributed tests spawn 2 real gloo processes (no Ray).
 """
@@ -16,7 +16,7 @@ BETAS = (0.8, 0.95)
 
 
 # ------------------------------------------------------------------------------------------------------
-# Naive reference maths, written out matrix by matrix from spec §3.1 / §3.2.
+# Naive reference maths, written out matrix by matrix.
 
 def ref_adamw(p, g, st, lr, beta1, beta2, eps, wd):
     """Returns the new p; st = {'step', 'm', 'v'} is updated."""
@@ -99,7 +99,7 @@ def test_polar_express_orthogonalises(shape):
 
 
 def test_adamw_matches_torch_adamw():
-    """Spec §3.1 is standard AdamW: 10 steps equal torch.optim.AdamW (as the reference's own test)."""
+    """The AdamW update is standard AdamW: 10 steps equal torch.optim.AdamW (as the reference's own test)."""
     torch.manual_seed(1)
     init = [torch.randn(64, 32), torch.randn(7), torch.randn(3, 5, 4)]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
@@ -144,7 +144,7 @@ def test_steps_match_naive_formulas():
     no_caution = {k: [p.clone() for p in v] for k, v in ref_p.items() if k != "adam"}
     no_caution_st = {"tall": muon_state(tall), "wide": muon_state(wide)}
     for step in range(4):
-        # The schedule changes lr/momentum/wd every step (§1.2); the optimizer must pick them up.
+        # The schedule changes lr/momentum/wd every step; the optimizer must pick them up.
         groups_now = opt.param_groups
         groups_now[2]["weight_decay"] = 0.5 - 0.1 * step
         groups_now[2]["momentum"] = 0.85 + 0.02 * step
@@ -167,7 +167,7 @@ def test_steps_match_naive_formulas():
     for name, ps in (("tall", tall), ("wide", wide)):
         diff = max((p.detach() - r).abs().max().item() for p, r in zip(ps, no_caution[name]))
         assert diff > 1e-3, name
-    # State layout (§3.2): on the group's first param only, stacked.
+    # State layout: on the group's first param only, stacked.
     assert set(opt.state[tall[0]]) == {"momentum_buffer", "second_momentum_buffer"}
     assert opt.state[tall[0]]["momentum_buffer"].shape == (3, 48, 16)
     assert opt.state[tall[0]]["second_momentum_buffer"].shape == (3, 48, 1)

@@ -112,7 +112,7 @@ def test_row_properties():
 
 
 def test_crop_takes_shortest_and_largest_fit_is_preferred():
-    """Hand-made buffer: the rules of §7.2 pick exactly these documents."""
+    """Hand-made buffer: the best-fit rules pick exactly these documents."""
     packer = BestFitPacker(B=1, T=9, buffer_size=1)  # row of 10 tokens
     # lengths: a=6, b=4, c=4 (tie with b, later), d=12, e=11
     docs = [("a", [0] * 6), ("b", [0, 2, 2, 2]), ("c", [0, 3, 3, 3]), ("d", [0] + [4] * 11), ("e", [0] + [5] * 10)]

@@ -1,10 +1,12 @@
-"""The fault matrix of docs/RELIABILITY.md: each fault on a real local Ray (2 gloo CPU workers, a tiny fp32
-model, tinyshakespeare shards), each run compared tensor for tensor with one uninterrupted run.
+"""The fault matrix of docs/RELIABILITY.md, for the faults that need Ray: each on a real local Ray (2 gloo CPU
+workers, a tiny fp32 model, tinyshakespeare shards), each run compared tensor for tensor with one uninterrupted
+run. The faults the loop handles by itself (a non-finite loss, damaged or incomplete checkpoints, changed
+settings, a full storage) are tested without Ray in test_loop.py.
 
-Faults come from the loop's own hooks (`--debug-fail-kind`, raychat.loop._inject_failure), which make a
-worker really die (os._exit / SIGKILL of its own process) at a chosen point, or from the outside: the test
-kills the driver's process group, removes a node of a two-node cluster, or damages checkpoint files.
-Driver and node tests run in subprocesses: they need their own Ray (one `ray.init` per process).
+Faults come from the loop's own hooks (`--debug-fail-kind`, raychat.faults), which make a worker really die
+(os._exit / SIGKILL of its own process) at a chosen point, or from the outside: the test kills the driver's
+process group or removes a node of a two-node cluster. Driver and node tests run in subprocesses: they need
+their own Ray (one `ray.init` per process).
 """
 import json
 import os
@@ -19,11 +21,9 @@ import time
 import pytest
 import torch
 
-from conftest import STEPS, assert_same_run, load_step, tiny_args, tree_hashes
+from conftest import STEPS, assert_same_run, tiny_args
 from raychat import checkpoint as ckpt_files
 from raychat.train import main
-
-pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +37,7 @@ def fault_args(data_dir, tok_dir, storage, name, *extra):
 # 1. A worker SIGKILLed in the middle of a step
 
 
+@pytest.mark.slow
 def test_worker_sigkilled_mid_step_recovers_exactly(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
     """Rank 1 (not the master) SIGKILLs itself between its backward pass and the optimizer step of step 10,
     while rank 0 waits in the gradient all-reduce: Ray Train restarts both from the step-8 checkpoint."""
@@ -52,6 +53,7 @@ def test_worker_sigkilled_mid_step_recovers_exactly(baseline, tiny_data_dir, tin
 # 2. A worker killed while a checkpoint is being written
 
 
+@pytest.mark.slow
 def test_worker_killed_while_checkpoint_is_written(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
     """Rank 0 writes its step-8 files (model, meta, optimizer shard) locally and is SIGKILLed before they are
     persisted, while rank 1 persists its own: storage may hold a step_000008 with rank 1's files only. That
@@ -67,11 +69,21 @@ def test_worker_killed_while_checkpoint_is_written(baseline, tiny_data_dir, tiny
         assert_same_run(run, baseline, step)
 
 
-def test_partial_checkpoint_of_one_rank_is_never_resumed(baseline, tmp_path):
+def _two_rank_checkpoint(directory):
+    """A complete checkpoint as 2 ranks write it: rank 0 adds the model and meta.json."""
+    optim = {"state": {0: {"exp_avg": torch.ones(4)}}, "param_groups": [{"params": [0]}]}
+    ckpt_files.save_rank_files(directory, 0, optim, [{"slot": 0}], model_state={"w": torch.zeros(4)},
+                               meta={"step": 8, "world_size": 2})
+    ckpt_files.save_rank_files(directory, 1, optim, [{"slot": 1}])
+    return directory
+
+
+def test_partial_checkpoint_of_one_rank_is_never_resumed(tmp_path):
     """What storage can hold after fault 2 (only the surviving ranks' files), and worse, is not a checkpoint."""
     from raychat.runs import first_complete
 
-    src = os.path.join(baseline, "step_000008")
+    src = _two_rank_checkpoint(str(tmp_path / "complete"))
+    assert ckpt_files.check_complete(src) is None
     cases = {
         "rank1_only": ["optim_rank1.pt", "data_rank1.json", "done_rank1.json"],
         "no_done_rank0": ["model.pt", "meta.json", "optim_rank0.pt", "data_rank0.json", "optim_rank1.pt",
@@ -88,9 +100,8 @@ def test_partial_checkpoint_of_one_rank_is_never_resumed(baseline, tmp_path):
         with pytest.raises(RuntimeError, match="incomplete"):
             ckpt_files.load_rank_state(str(d), 0, 1, "cpu")
     logged = []
-    with first_complete([str(tmp_path / n) for n in cases] + [os.path.join(baseline, "step_000004")],
-                         logged.append) as chosen:
-        assert chosen == os.path.join(baseline, "step_000004")
+    with first_complete([str(tmp_path / n) for n in cases] + [src], logged.append) as chosen:
+        assert chosen == src
     assert len(logged) == 3 and all(m.startswith("WARNING: skipping incomplete checkpoint") for m in logged)
 
 
@@ -152,6 +163,7 @@ def _reap_ray(ray_tmp, timeout=30):
     return len(left)
 
 
+@pytest.mark.slow
 def test_driver_killed_then_same_command_resumes(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
     """SIGKILL `python -m raychat.train` and every process below it (its local Ray, the workers) as soon as the
     step-4 checkpoint is complete, then run the identical command: it resumes and ends bit-identical."""
@@ -246,6 +258,7 @@ def _node_loss(args, tmp_path, extra_env=None):
     return out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_node_removed_run_waits_for_capacity_then_recovers(baseline, tiny_data_dir, tiny_tokenizer_dir, storage,
                                                            tmp_path):
     """Head (0 CPUs) + two 1-CPU nodes, one worker each. The second node dies after the first checkpoint; for
@@ -261,161 +274,7 @@ def test_node_removed_run_waits_for_capacity_then_recovers(baseline, tiny_data_d
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. The latest checkpoints incomplete: skipped with a warning, the previous complete one used
-
-
-def test_incomplete_latest_checkpoints_are_skipped(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, capfd):
-    """A rerun of a run whose newest checkpoint lost a file and whose previous one was truncated resumes from
-    the one before them, warns about both, and ends bit-identical."""
-    run = os.path.join(storage, "damaged")
-    os.makedirs(run)
-    for step in (4, 8, 12):
-        name = ckpt_files.step_dir_name(step)
-        shutil.copytree(os.path.join(baseline, name), os.path.join(run, name))
-    os.remove(os.path.join(run, "step_000012", "data_rank1.json"))
-    with open(os.path.join(run, "step_000008", "model.pt"), "r+b") as f:
-        f.truncate(os.path.getsize(f.name) // 2)
-    assert main(fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "damaged")) == 0
-    out = capfd.readouterr()
-    text = out.out + out.err
-    assert "skipping incomplete checkpoint" in text and "step_000012" in text and "step_000008" in text
-    assert "data_rank1.json is missing" in text and "truncated" in text
-    assert_same_run(run, baseline)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. A non-finite loss
-
-
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(baseline, tiny_data_dir, tiny_tokenizer_dir,
-                                                                      storage, capsys):
-    """Step 10's loss becomes NaN (on rank 1 only): both ranks stop, the driver exits 1 naming step 10, the
-    step-8 checkpoint is untouched and equal to the uninterrupted run's, and a rerun without the fault resumes
-    from it and ends bit-identical."""
-    common = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanstop")
-    assert main(common + ["--debug-fail-at-step", "10", "--debug-fail-kind", "nan", "--debug-fail-rank", "1"]) == 1
-    err = capsys.readouterr().err
-    assert "training stopped: loss became non-finite at step 10" in err, err
-    run = os.path.join(storage, "nanstop")
-    assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8]
-    assert_same_run(run, baseline, 8)
-    before = tree_hashes(os.path.join(run, "step_000008"))
-    assert main(common) == 0
-    assert tree_hashes(os.path.join(run, "step_000008")) == before
-    assert_same_run(run, baseline)
-
-
-def test_nan_loss_skipped_with_the_flag(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
-    """--nan-policy skip: step 10's update is dropped (every rank agrees), the run finishes with finite
-    weights; they differ from the uninterrupted run only because one update is missing."""
-    args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nanskip", "--nan-policy", "skip",
-                     "--debug-fail-at-step", "10", "--debug-fail-kind", "nan")
-    assert main(args) == 0
-    run = os.path.join(storage, "nanskip")
-    assert_same_run(run, baseline, 8)
-    state, meta = load_step(run, STEPS)
-    ref, _ = load_step(baseline, STEPS)
-    assert all(torch.isfinite(v).all() for v in state.values())
-    assert any(not torch.equal(state[k], ref[k]) for k in ref), "step 10's update was not skipped"
-    losses = [v for _, v in meta["history"]["train_loss"]]
-    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Bit rot in a checkpoint: same size, wrong bytes (checksums in the done files)
-
-
-def test_corrupt_latest_checkpoint_is_skipped(baseline, tiny_data_dir, tiny_tokenizer_dir, storage, capfd):
-    """8 bytes flipped in the middle of the newest checkpoint's optim_rank0.pt (the size is unchanged and
-    torch.load would read it): a rerun warns naming the file, resumes from the previous checkpoint and ends
-    bit-identical."""
-    from conftest import flip_bytes
-
-    run = os.path.join(storage, "bitrot")
-    os.makedirs(run)
-    for step in (4, 8):
-        name = ckpt_files.step_dir_name(step)
-        shutil.copytree(os.path.join(baseline, name), os.path.join(run, name))
-    flip_bytes(os.path.join(run, "step_000008", "optim_rank0.pt"))
-    torch.load(os.path.join(run, "step_000008", "optim_rank0.pt"), weights_only=True)  # still loads: silent rot
-    assert main(fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "bitrot")) == 0
-    out = capfd.readouterr()
-    text = out.out + out.err
-    assert "skipping incomplete checkpoint" in text
-    assert "step_000008/optim_rank0.pt does not match its checksum" in text
-    assert "Resuming from step 4" in text
-    assert_same_run(run, baseline)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8. A rerun with other settings: refused, unless --allow-changed names them (then recorded)
-
-
-def test_changed_settings_refused_unless_allowed_then_recorded(baseline, tiny_data_dir, tiny_tokenizer_dir, storage,
-                                                                capsys):
-    """The finished 16-step run rerun with --matrix-lr 0.05 --num-iterations 20: refused (exit 2, both changes
-    named, nothing written); with --allow-changed it trains on to step 20 and the change, with the step it took
-    effect, is in meta.json and report.md."""
-    run = os.path.join(storage, "changed")
-    shutil.copytree(os.path.join(baseline, ckpt_files.step_dir_name(STEPS)),
-                    os.path.join(run, ckpt_files.step_dir_name(STEPS)))
-    common = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "changed") + ["--matrix-lr", "0.05"]
-    common[common.index("--num-iterations") + 1] = "20"
-    before = tree_hashes(run)
-    assert main(common) == 2
-    err = capsys.readouterr().err
-    assert f"--num-iterations {STEPS} -> 20, --matrix-lr 0.02 -> 0.05" in err, err
-    assert "--allow-changed num_iterations,matrix_lr" in err
-    assert tree_hashes(run) == before
-    assert main(common + ["--allow-changed", "num_iterations,matrix_lr"]) == 0
-    _, meta = load_step(run, 20)
-    assert meta["setting_changes"] == [{"step": STEPS, "changed": {"num_iterations": [STEPS, 20],
-                                                                   "matrix_lr": [0.02, 0.05]}}]
-    assert meta["user_config"]["matrix_lr"] == 0.05
-    report = open(os.path.join(run, "report.md")).read()
-    assert f"step {STEPS}: --num-iterations {STEPS} -> 20, --matrix-lr 0.02 -> 0.05" in report
-
-
-# ----------------------------------------------------------------------------------------------------
-# 9. The storage fills up: one clear error, no restart loop, the older checkpoints intact
-
-
-def _mount_tmpfs(path, size_bytes):
-    os.makedirs(path, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024}k", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-
-
-def test_full_storage_stops_with_one_clear_error(baseline, tiny_data_dir, tiny_tokenizer_dir, tmp_path, capfd):
-    """Storage on a real tmpfs with room for two checkpoints and a half: the step-12 save fails with ENOSPC.
-    The run stops at once (exit 1, no automatic restart although --max-failures 3) with one error naming the
-    storage path, what the checkpoint needed and what is free; steps 4 and 8 stay complete, and no step_000012
-    directory is left behind."""
-    step_bytes = sum(os.path.getsize(os.path.join(baseline, "step_000004", f))
-                     for f in os.listdir(os.path.join(baseline, "step_000004")))
-    mnt = tmp_path / "small"
-    _mount_tmpfs(mnt, int(2.5 * step_bytes))
-    try:
-        rc = main(fault_args(tiny_data_dir, tiny_tokenizer_dir, str(mnt), "full", "--max-failures", "3"))
-        out = capfd.readouterr()
-        text = out.out + out.err
-        run = os.path.join(mnt, "full")
-        assert rc == 1, text[-3000:]
-        assert f"error: training stopped: the checkpoint of step 12 could not be saved to {run}: " \
-               "No space left on device; it needs" in out.err, out.err[-3000:]
-        assert "MiB are free there" in out.err and "the older checkpoints are intact" in out.err
-        assert "Resuming from step" not in text and "training failed after" not in text
-        assert [s for s, _ in ckpt_files.list_step_dirs(run)] == [4, 8]
-        for step in (4, 8):
-            assert_same_run(run, baseline, step)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 10. Ctrl-C and kill -9 of the driver: the embedded Ray and its workers end with it
+# 5. Ctrl-C and kill -9 of the driver: the embedded Ray and its workers end with it
 
 
 def _start_long_driver(data_dir, tok_dir, storage, name, tmp_path, ray_tmp):
@@ -450,14 +309,22 @@ def _survivors(started):
     return [pid for pid, t in _start_times(started).items() if started[pid] == t]
 
 
+def _wait_until_gone(started, hang_s=60):
+    """Poll until none of `started` runs any more; gives up after `hang_s` (a hang, not a slow exit)."""
+    deadline = time.time() + hang_s
+    while _survivors(started) and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def _complete_steps(run):
     return {s for s, p in ckpt_files.list_step_dirs(run) if ckpt_files.check_complete(p) is None}
 
 
+@pytest.mark.slow
 def test_driver_sigkill_ends_its_ray_and_workers(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
-    """kill -9 of the driver alone (not its process tree): within 15 s no process it started (Ray's GCS,
-    raylet, dashboard and runtime-env agents, the training workers) is left, and no checkpoint is written after
-    the one that may have been in flight."""
+    """kill -9 of the driver alone (not its process tree): every process it started (Ray's GCS, raylet,
+    dashboard and runtime-env agents, the training workers) ends too, and no checkpoint is written after the
+    one that may have been in flight. (The wait below only bounds a hang; how fast they go is not tested.)"""
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     started = {}
     proc, log_path = _start_long_driver(tiny_data_dir, tiny_tokenizer_dir, storage, "sigkill", tmp_path, ray_tmp)
@@ -467,12 +334,10 @@ def test_driver_sigkill_ends_its_ray_and_workers(tiny_data_dir, tiny_tokenizer_d
         assert len(started) > 5, f"expected a Ray session below the driver, found {len(started)} processes"
         before = _complete_steps(run)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        deadline = time.time() + 15
-        while _survivors(started) and time.time() < deadline:
-            time.sleep(0.2)
+        proc.wait(timeout=60)
+        _wait_until_gone(started)
         left = _survivors(started)
-        assert not left, f"still running 15 s after the driver died: {left} ({log_path})"
+        assert not left, f"still running after the driver died: {left} ({log_path})"
         time.sleep(3)
         new = _complete_steps(run) - before
         assert new <= {max(before) + 4}, f"checkpoints written after the driver died: {sorted(new)}"
@@ -483,27 +348,23 @@ def test_driver_sigkill_ends_its_ray_and_workers(tiny_data_dir, tiny_tokenizer_d
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_ctrl_c_stops_the_run_within_seconds(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
-    """SIGINT to the driver (Ctrl-C): it exits within 20 s with code 130 and a message saying how to resume,
-    every process it started is gone, and the newest checkpoint is complete."""
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_and_everything_it_started(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """SIGINT to the driver (Ctrl-C): it exits with code 130 and a message saying how to resume, every process
+    it started is gone, and the newest checkpoint is complete. (The waits only bound a hang.)"""
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     started = {}
     proc, log_path = _start_long_driver(tiny_data_dir, tiny_tokenizer_dir, storage, "sigint", tmp_path, ray_tmp)
     try:
         started = _start_times(_descendants(proc.pid))
-        t0 = time.time()
         os.kill(proc.pid, signal.SIGINT)
-        rc = proc.wait(timeout=20)
-        took = time.time() - t0
+        rc = proc.wait(timeout=120)
         log = log_path.read_text()
         assert rc == 130, log[-3000:]
         assert "error: interrupted; the checkpoints written so far are kept" in log
-        deadline = time.time() + 10
-        while _survivors(started) and time.time() < deadline:
-            time.sleep(0.2)
+        _wait_until_gone(started)
         assert not _survivors(started), f"left behind after Ctrl-C: {_survivors(started)}"
         assert _complete_steps(os.path.join(storage, "sigint")), "no complete checkpoint left"
-        print(f"driver exited {took:.1f} s after SIGINT")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -514,9 +375,10 @@ def test_ctrl_c_stops_the_run_within_seconds(tiny_data_dir, tiny_tokenizer_dir, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. Another Ray on the same machine
+# 6. Another Ray on the same machine
 
 
+@pytest.mark.slow
 def test_embedded_ray_ignores_another_local_ray(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
     """A second `ray start --head` (own ports on 127.0.0.1, own temp dir) runs on the machine: a tiny
     `python -m raychat.train` still succeeds, and Ray Train's placement-group cleaner never fails with "Found

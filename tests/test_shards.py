@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raychat import storage
 from raychat.data import __main__ as data_cli
 from raychat.data.shards import (NUM_SHARDS, ShardError, download, download_indices, iter_texts, list_parquet,
-                                 num_row_groups, open_filesystem, open_shard, prepare, read_row_group_texts,
+                                 num_row_groups, open_shard, prepare, read_row_group_texts,
                                  row_group_texts, source_files, split_shards, validate_shard)
 
 
@@ -50,7 +51,7 @@ def test_list_and_split(tmp_path):
     train_uri, val_uri = split_shards(uri)
     assert val_uri == uri + "/val.parquet" and train_uri[0] == uri + "/shard_00000.parquet"
     assert read_row_group_texts(val_uri, 0) == ["held out"]
-    fs, inner = open_filesystem(uri)
+    fs, inner = storage.filesystem(uri)
     assert inner == str(d) and type(fs).__name__ == "LocalFileSystem"
 
 

@@ -1,11 +1,11 @@
-"""Pretraining shards (spec §7.1): where they live, which are train and val, download and prepare.
+"""Pretraining shards (docs/REFERENCE.md §8): where they live, which are train and val, download and prepare.
 
 A shard is a parquet file with one string column `text`, one document per row, in row groups of (by
 default) 1024 documents: the format of the reference's FineWeb-Edu repackaging, which `prepare` also writes
 for local text. A data directory may be a local path, a mounted shared filesystem, `file://`, `s3://` or
-`gs://`: every read goes through `pyarrow.fs` (`open_filesystem`).
+`gs://`: every read goes through `pyarrow.fs` (`raychat.storage.filesystem`).
 
-Split rule (changes the reference's §7.1 QUIRK on purpose). The reference takes the file that sorts last
+Split rule (changes the reference's rule on purpose). The reference takes the file that sorts last
 *locally* as val, so after `-n 8` val is shard_00007 and after `-n 370` it is shard_00369: the train/val
 membership depends on how much was downloaded. Here
 
@@ -53,21 +53,12 @@ def shard_name(index: int) -> str:
 
 
 def default_data_dir(base_dir: str | None = None, create: bool = True) -> str:
-    """`<base>/base_data`, the reference's layout (spec §0); `create=False` (a dry run) makes no directory."""
+    """`<base>/base_data`, the reference's layout; `create=False` (a dry run) makes no directory."""
     base = get_base_dir(base_dir, create=create)
     return storage.join(base, DATA_SUBDIR)
 
 
 # ---- storage ------------------------------------------------------------------------------------------
-
-def open_filesystem(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path, `file://`, `s3://`, `gs://` or any pyarrow URI."""
-    return storage.filesystem(path_or_uri)
-
-
-def _join(data_dir: str, name: str) -> str:
-    return storage.join(data_dir, name)
-
 
 def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
@@ -75,7 +66,7 @@ def _basename(path: str) -> str:
 
 def list_parquet(data_dir: str) -> list[str]:
     """Every `*.parquet` file directly in `data_dir`, sorted by name, as paths/URIs in `data_dir`'s form."""
-    fs, root = open_filesystem(data_dir)
+    fs, root = storage.filesystem(data_dir)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data directory {data_dir} does not exist: download shards with "
@@ -85,7 +76,7 @@ def list_parquet(data_dir: str) -> list[str]:
         raise NotADirectoryError(f"data directory {data_dir} is a file; pass the folder that holds the shards")
     names = sorted(_basename(f.path) for f in fs.get_file_info(pafs.FileSelector(root, recursive=False))
                    if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
-    return [_join(data_dir, name) for name in names]
+    return [storage.join(data_dir, name) for name in names]
 
 
 def split_shards(data_dir: str) -> tuple[list[str], str]:
@@ -112,7 +103,7 @@ def open_shard(path: str) -> Iterator[pq.ParquetFile]:
     Open once and read many row groups: each open reads the footer again. A file that is not parquet
     raises ShardError naming it; a missing one, FileNotFoundError.
     """
-    fs, inner = open_filesystem(path)
+    fs, inner = storage.filesystem(path)
     with fs.open_input_file(inner) as f:
         try:
             pf = pq.ParquetFile(f)
@@ -201,7 +192,7 @@ def _fetch_one(index: int, data_dir: str, base_url: str, max_attempts: int, base
     import requests
 
     name = shard_name(index)
-    fs, root = open_filesystem(data_dir)
+    fs, root = storage.filesystem(data_dir)
     final, tmp = f"{root}/{name}", f"{root}/{name}.tmp"
     if fs.get_file_info(final).type == pafs.FileType.File:
         return "skipped"
@@ -217,7 +208,7 @@ def _fetch_one(index: int, data_dir: str, base_url: str, max_attempts: int, base
                 with fs.open_output_stream(tmp) as out:
                     for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
                         out.write(chunk)
-            validate_shard(_join(data_dir, f"{name}.tmp"))
+            validate_shard(storage.join(data_dir, f"{name}.tmp"))
             fs.move(tmp, final)
             return "fetched"
         except _NotFound:
@@ -253,7 +244,7 @@ def download(num_shards: int, workers: int = 4, data_dir: str | None = None, bas
     if "{i" not in base_url:
         raise ValueError(f"base_url={base_url!r} must contain '{{i:05d}}' where the shard index goes")
     data_dir = data_dir or default_data_dir()
-    fs, root = open_filesystem(data_dir)
+    fs, root = storage.filesystem(data_dir)
     fs.create_dir(root, recursive=True)
     indices = download_indices(num_shards)
     summary = DownloadSummary(requested=indices)
@@ -411,7 +402,7 @@ class _ShardWriter:
     def __init__(self, fs: pafs.FileSystem, root: str, name: str, rows_per_group: int):
         self.fs, self.final, self.tmp = fs, f"{root}/{name}", f"{root}/{name}.tmp"
         self.rows_per_group = rows_per_group
-        # zstd level 3, no dictionary, no statistics: the reference repackaging's settings (spec §7.1).
+        # zstd level 3, no dictionary, no statistics: the settings of the reference's repackaged shards.
         self.writer = pq.ParquetWriter(self.tmp, self.SCHEMA, filesystem=fs, compression="zstd",
                                        compression_level=3, use_dictionary=False, write_statistics=False)
         self.pending: list[str] = []
@@ -467,7 +458,7 @@ def prepare(source: str, out_dir: str, rows_per_group: int = 1024, shard_chars: 
     if txt_docs not in TXT_DOCS:
         raise ValueError(f"txt_docs={txt_docs!r}: choose one of {TXT_DOCS}")
     files = source_files(source)
-    fs, root = open_filesystem(out_dir)
+    fs, root = storage.filesystem(out_dir)
     fs.create_dir(root, recursive=True)
     existing = list_parquet(out_dir)
     if existing:
@@ -475,7 +466,7 @@ def prepare(source: str, out_dir: str, rows_per_group: int = 1024, shard_chars: 
             raise ShardError(f"{out_dir} already holds {len(existing)} .parquet files; choose an empty --out or "
                              f"pass --overwrite to delete them first")
         for path in existing:
-            fs.delete_file(open_filesystem(path)[1])
+            fs.delete_file(storage.filesystem(path)[1])
 
     stride = max(1, round(1 / val_fraction))
     counter = [0]  # U+FFFD replacements made while decoding
@@ -501,7 +492,7 @@ def prepare(source: str, out_dir: str, rows_per_group: int = 1024, shard_chars: 
                 else:
                     if shard is None:
                         shard = _ShardWriter(fs, root, shard_name(len(train_files)), rows_per_group)
-                        train_files.append(_join(out_dir, shard_name(len(train_files))))
+                        train_files.append(storage.join(out_dir, shard_name(len(train_files))))
                     if shard.add(doc) and shard.chars >= shard_chars:
                         train_docs, train_chars = train_docs + shard.docs, train_chars + shard.chars
                         shard.close()
@@ -525,12 +516,12 @@ def prepare(source: str, out_dir: str, rows_per_group: int = 1024, shard_chars: 
             if w is not None:
                 w.writer.close()
         _cleanup_tmp(fs, root)
-        for path in train_files + [_join(out_dir, VAL_FILE)]:
-            _remove(fs, open_filesystem(path)[1])
+        for path in train_files + [storage.join(out_dir, VAL_FILE)]:
+            _remove(fs, storage.filesystem(path)[1])
         raise
     if counter[0]:
         warnings.warn(f"prepare: {counter[0]} invalid UTF-8 byte sequences in {source} were replaced by U+FFFD")
-    return PrepareSummary(train_files=train_files, val_file=_join(out_dir, VAL_FILE), train_docs=train_docs,
+    return PrepareSummary(train_files=train_files, val_file=storage.join(out_dir, VAL_FILE), train_docs=train_docs,
                           val_docs=val.docs, train_chars=train_chars, val_chars=val.chars, dropped_empty=dropped,
                           replaced_chars=counter[0], source_files=len(files))
 
