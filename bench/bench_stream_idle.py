@@ -57,10 +57,10 @@ def main() -> None:
                 cpu0, wall0 = time.process_time(), time.perf_counter()
                 time.sleep(args.idle_s)
                 share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+            print(f"scheduler pause {stream.SCHEDULER_PAUSE_S:g} s: the consuming process used {share:.0%} of a "
+                  f"CPU while it waited {args.idle_s:g} s", flush=True)
         finally:
             ray.shutdown()
-    print(f"scheduler pause {stream.SCHEDULER_PAUSE_S:g} s: the consuming process used {share:.0%} of a CPU "
-          f"while it waited {args.idle_s:g} s")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ REFERENCE_BATCH = 2**19
 # else may change on resume: logging and eval/sample/save cadence, storage and paths of the run itself, the
 # worker count (checked by checkpoint.check_compatible), failure handling, the data pipeline's backend and
 # actors (same tokens either way), debug flags. --data-dir and --tokenizer-dir are paths, which move (a copied
-# workspace, another mount point, an s3:// mirror), so they are not compared: the tokenizer is pinned by the
-# model's vocab_size (check_compatible), the shards' contents are not checked (docs/RELIABILITY.md).
+# workspace, another mount point, an s3:// mirror), so they are not compared: what they hold is, through the
+# inputs' fingerprint in every checkpoint (raychat.inputs), which --allow-changed names as INPUT_NAMES.
+INPUT_NAMES = ("data", "tokenizer")
 TRAJECTORY_SETTINGS = (
     "depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern",
     "num_iterations", "target_flops", "target_param_data_ratio", "device_batch_size", "total_batch_size",
@@ -108,9 +109,9 @@ class TrainConfig:
     ortho_dtype: str = flag("auto", "auto|bf16|fp32: dtype of Muon's Polar Express (auto = the reference's bf16 where "
                                     "bf16 matmuls are native: CUDA, CPUs with avx512_bf16/AMX/ARM bf16; fp32 where "
                                     "they are emulated)")
-    allow_changed: str = flag("", "on resume, settings that may differ from the run's (e.g. matrix_lr,num_iterations); "
-                                  "any other changed training setting is refused. The change and its step go into the "
-                                  "run's history")
+    allow_changed: str = flag("", "on resume, settings that may differ from the run's (e.g. matrix_lr,num_iterations), "
+                                  "or the inputs data (the shards) and tokenizer; any other changed training setting "
+                                  "or input is refused. A setting's change and its step go into the run's history")
     profile: bool = flag(False, "write a PyTorch profiler trace of a few steps into the run directory")
     dry_run: bool = flag(False, "validate flags and data, print the plan, and exit without training")
     # --- debug: fault injection for the reliability tests (docs/RELIABILITY.md) ---
@@ -158,9 +159,10 @@ class TrainConfig:
         need(self.data_backend in ("auto", "ray", "inline"), "data_backend", "must be auto, ray or inline")
         need(self.data_actors >= 1, "data_actors", "must be >= 1")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", "must be stop or skip")
-        unknown = [n for n in self.allowed_changes() if n not in TRAJECTORY_SETTINGS]
+        unknown = [n for n in self.allowed_changes() if n not in TRAJECTORY_SETTINGS + INPUT_NAMES]
         need(not unknown, "allow_changed", f"{', '.join(unknown)}: not a setting that defines a run's trajectory; "
-             f"name flags among {', '.join(TRAJECTORY_SETTINGS)} (others may change freely)")
+             f"name flags among {', '.join(TRAJECTORY_SETTINGS)} (others may change freely), or the inputs "
+             f"{' and '.join(INPUT_NAMES)}")
         need(self.debug_fail_kind in DEBUG_FAIL_KINDS, "debug_fail_kind", f"must be one of {DEBUG_FAIL_KINDS}")
         need(0 <= self.debug_fail_rank < self.num_workers, "debug_fail_rank",
              f"must name a rank in [0, --num-workers={self.num_workers})")

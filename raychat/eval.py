@@ -115,16 +115,17 @@ def evaluate(args, session) -> dict:
     from raychat.data.shards import split_shards
     from raychat.data.stream import PackedStream, val_stream
     from raychat.engine import Engine
-    from raychat.loop import SAMPLE_PROMPTS
+    from raychat.inputs import read_tokenizer_files
+    from raychat.loop import SAMPLE_PROMPTS, load_tokenizer
     from raychat.loss_eval import bpb_from_sums, bpb_sums
-    from raychat.tokenizer import TOKEN_BYTES_FILE, Tokenizer
 
     rank, world = session.rank, session.world_size
     dev = DeviceContext.for_session(session, args.device_type)
     device = dev.device
     with open_checkpoint(args) as (kind, directory, local_dir):
         model, meta = load_model(kind, local_dir, args.step, device)
-    tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
+    # From bytes, so that the tokenizer may live in a bucket as the shards do.
+    tokenizer, token_bytes = load_tokenizer(read_tokenizer_files(args.tokenizer_dir), device)
     if tokenizer.get_vocab_size() != meta["model_config"]["vocab_size"]:
         raise ValueError(f"tokenizer {args.tokenizer_dir} has {tokenizer.get_vocab_size()} tokens but the model "
                          f"was trained with {meta['model_config']['vocab_size']}: pass the run's --tokenizer-dir")
@@ -138,7 +139,6 @@ def evaluate(args, session) -> dict:
         results["core"] = core
         session.log(f"CORE metric: {core['core_metric']:.4f}")
     if "bpb" in todo:
-        token_bytes = torch.load(os.path.join(args.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device, weights_only=True)
         # The batches are laid out as the training run's evaluations laid them out (its device batch size,
         # one stream per training rank: which documents a batch packs depends on both), so a raychat
         # checkpoint's val bpb here equals the one its run logged at that step for the same token count. A
@@ -157,9 +157,8 @@ def evaluate(args, session) -> dict:
             nats = torch.zeros((), dtype=torch.float32, device=device)
             nbytes = torch.zeros((), dtype=torch.int64, device=device)
             for s in range(rank, streams, world):  # this worker's share of the streams, added in stream order
-                stream = (PackedStream(train_files, args.tokenizer_dir, B, T, slot=s, num_slots=streams,
-                                       backend="inline")
-                          if split == "train" else val_stream(val_file, args.tokenizer_dir, B, T, s, streams))
+                stream = (PackedStream(train_files, tokenizer, B, T, slot=s, num_slots=streams, backend="inline")
+                          if split == "train" else val_stream(val_file, tokenizer, B, T, s, streams))
                 with stream, torch.no_grad(), dev.autocast():
                     n, b = bpb_sums(model, (dev.to_device(x, y) for x, y in stream), steps, token_bytes)
                 nats, nbytes = nats + n, nbytes + b

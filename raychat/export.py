@@ -6,13 +6,13 @@ own tools load the model (copy DIR to `$NANOCHAT_BASE_DIR/base_checkpoints/<tag>
 `$NANOCHAT_BASE_DIR/tokenizer/`). The reverse direction is `python -m raychat.train --init-from-nanochat DIR`.
 """
 import os
-import shutil
 import sys
 
 import torch
 
 from raychat import checkpoint as ckpt_files
-from raychat import runs
+from raychat import runs, storage
+from raychat.inputs import read_tokenizer_files
 from raychat.common import cli_parser, get_base_dir
 
 
@@ -31,9 +31,9 @@ def main(argv=None) -> int:
         print(f"would export run {args.run_name} step {args.step or 'newest'} to {args.to_nanochat}")
         return 0
     base = get_base_dir(args.base_dir, create=False)
-    tok_dir = args.tokenizer_dir or os.path.join(base, "tokenizer")
+    tok_dir = storage.absolute(args.tokenizer_dir) or os.path.join(base, "tokenizer")
     try:
-        run_dir = runs.find_run(args.storage_path or os.path.join(base, "runs"), args.run_name)
+        run_dir = runs.find_run(storage.absolute(args.storage_path) or os.path.join(base, "runs"), args.run_name)
         with runs.find_checkpoint(run_dir, args.step) as found:  # the newest intact one, or --step's
             state = torch.load(os.path.join(found.local_dir, ckpt_files.MODEL_FILE), map_location="cpu",
                                weights_only=True)
@@ -41,14 +41,16 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        tokenizer_files = read_tokenizer_files(tok_dir)  # local or in a bucket
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     written = ckpt_files.export_nanochat(args.to_nanochat, found.step, state, meta)
     os.makedirs(os.path.join(args.to_nanochat, "tokenizer"), exist_ok=True)
-    for name in ("tokenizer.pkl", "token_bytes.pt"):
-        src = os.path.join(tok_dir, name)
-        if not os.path.exists(src):
-            print(f"error: tokenizer file {src} is missing: pass the run's --tokenizer-dir", file=sys.stderr)
-            return 2
-        shutil.copy(src, os.path.join(args.to_nanochat, "tokenizer", name))
+    for name, data in tokenizer_files.items():
+        with open(os.path.join(args.to_nanochat, "tokenizer", name), "wb") as f:
+            f.write(data)
         written.append(os.path.join(args.to_nanochat, "tokenizer", name))
     for path in written:
         print(f"wrote {path}")

@@ -14,6 +14,8 @@ import signal
 
 import torch
 
+from raychat import storage
+
 
 class FaultInjector:
     def __init__(self, cfg, rank: int, run_dir: str):
@@ -25,10 +27,14 @@ class FaultInjector:
         """Die here if this is the configured step and kind (and it has not fired in this run yet)."""
         if not self.armed or (step, kind) != (self.step, self.kind):
             return
-        marker = os.path.join(self.run_dir, f".injected_failure_step{step}")
-        if os.path.exists(marker):
+        import pyarrow.fs as pafs
+
+        fs, marker = storage.filesystem(storage.join(self.run_dir, f".injected_failure_step{step}"))
+        if fs.get_file_info(marker).type != pafs.FileType.NotFound:
             return
-        open(marker, "w").close()
+        fs.create_dir(marker.rpartition("/")[0], recursive=True)
+        with fs.open_output_stream(marker):  # in the run directory, local or in a bucket
+            pass
         print(f"Injected failure: rank {self.rank} dies ({kind}) at step {step}", flush=True)
         if kind == "exit":
             os._exit(1)

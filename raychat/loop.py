@@ -8,7 +8,6 @@ resume, and receives reports (raychat.session); checkpoints are written behind t
 import gc
 import io
 import math
-import os
 import time
 import uuid
 
@@ -19,6 +18,7 @@ from raychat.common import any_rank, slot_range
 from raychat.config import TrainConfig, derive
 from raychat.device import DeviceContext
 from raychat.faults import FaultInjector
+from raychat.inputs import check_unchanged, fingerprint, read_tokenizer_files
 from raychat.loop_state import LoopState
 from raychat.runs import run_dir
 from raychat.saver import CheckpointSaver
@@ -64,22 +64,21 @@ def build_optimizer(model, cfg: TrainConfig, plan, world_size: int, compile_kern
                                                             compile_kernels=compile_kernels)
 
 
-def load_tokenizer(cfg: TrainConfig, tokenizer_files: dict | None, device):
-    """(tokenizer, token_bytes): from the bytes the driver shipped, so a node needs no tokenizer directory,
-    or from cfg.tokenizer_dir (a run without the driver)."""
+def load_tokenizer(tokenizer_files: dict, device):
+    """(tokenizer, token_bytes) from the tokenizer directory's files as bytes (raychat.inputs.read_tokenizer_files):
+    the driver ships them with the config, so a node needs no tokenizer directory."""
     from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
-    if tokenizer_files is not None:
-        return (Tokenizer.from_bytes(tokenizer_files[TOKENIZER_FILE]),
-                torch.load(io.BytesIO(tokenizer_files[TOKEN_BYTES_FILE]), map_location=device, weights_only=True))
-    return (Tokenizer.from_directory(cfg.tokenizer_dir),
-            torch.load(os.path.join(cfg.tokenizer_dir, TOKEN_BYTES_FILE), map_location=device, weights_only=True))
+    return (Tokenizer.from_bytes(tokenizer_files[TOKENIZER_FILE]),
+            torch.load(io.BytesIO(tokenizer_files[TOKEN_BYTES_FILE]), map_location=device, weights_only=True))
 
 
-def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files: dict | None = None) -> dict:
+def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files: dict | None = None,
+          inputs: dict | None = None) -> dict:
     """Train one worker's share. Returns the final metrics (rank 0's are the run's).
 
-    `tokenizer_files` ({file name: bytes} of the tokenizer directory) replaces reading cfg.tokenizer_dir."""
+    `tokenizer_files` ({file name: bytes} of the tokenizer directory) replaces reading cfg.tokenizer_dir;
+    `inputs`, the driver's fingerprint of shards and tokenizer (raychat.inputs), replaces computing it here."""
     from raychat.data.shards import split_shards
     from raychat.data.stream import SlotStreams, val_stream
     from raychat.engine import Engine
@@ -105,7 +104,9 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     wandb_run = init_wandb(cfg, master)
 
     # --- tokenizer, derived sizes, model ---
-    tokenizer, token_bytes = load_tokenizer(cfg, tokenizer_files, device)
+    tokenizer_files = tokenizer_files or read_tokenizer_files(cfg.tokenizer_dir)  # a directory or a bucket
+    tokenizer, token_bytes = load_tokenizer(tokenizer_files, device)
+    inputs = inputs or fingerprint(cfg.data_dir, tokenizer_files)
     plan = derive(cfg, tokenizer.get_vocab_size(), world_size)
     for line in plan.lines:
         log(line)
@@ -132,6 +133,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         if resume_dir is not None:
             saved = load_rank_state(resume_dir, rank, world_size, device, optimizer.param_shapes(),
                                     plan.model_config, S)
+            check_unchanged(saved.meta, inputs, cfg.allowed_changes(), cfg.run_name, resume_dir)
             orig_model.load_state_dict(saved.model, strict=True)
             optimizer.load_state_dict(saved.optimizer)
             state, data_states = LoopState.from_meta(saved.meta, world_size, cfg, log), saved.data
@@ -220,7 +222,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
                 meta = {"step": step, "val_bpb": state.val_bpb, "model_config": plan.model_config,
                         "user_config": cfg.user_config(), "device_batch_size": B, "max_seq_len": T,
                         "world_size": world_size, "grad_accum_steps": plan.grad_accum_steps, "num_slots": S,
-                        "fit_id": fit_id, "saved_at": time.time(), **state.state_dict()}
+                        "fit_id": fit_id, "saved_at": time.time(), "inputs": inputs, **state.state_dict()}
             if (stopped_reason := saver.save_point(step, metrics, meta, last=last_step)) is not None:
                 break
 
@@ -331,4 +333,5 @@ def train_loop_per_worker(config: dict) -> None:
     from raychat.session import RayTrainSession
 
     cfg = TrainConfig.from_dict(config["cfg"])
-    train(cfg, RayTrainSession(), fit_id=config["fit_id"], tokenizer_files=config.get("tokenizer_files"))
+    train(cfg, RayTrainSession(), fit_id=config["fit_id"], tokenizer_files=config.get("tokenizer_files"),
+          inputs=config.get("inputs"))

@@ -3,6 +3,8 @@ checkpoints (`step_XXXXXX/`), the choice of the one a run resumes or a command r
 
 Training resumes through `resume_checkpoint`; eval and export read a checkpoint through `find_checkpoint`.
 Both skip incomplete or corrupt checkpoints (checkpoint.check_complete) with a warning naming the problem.
+Ray Train keeps a list of the reported checkpoints there too; `repair_ray_snapshot` keeps it in step with the
+step directories that exist. The driver's lease is raychat.lease.
 """
 import contextlib
 import json
@@ -128,6 +130,85 @@ def find_checkpoint(run_dir: str, step: int | None = None, log=_warn):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Ray Train's own record of the run's checkpoints
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def repair_ray_snapshot(cfg, log=print) -> None:
+    """Ray Train 2.60 records every reported checkpoint in `{run_dir}/checkpoint_manager_snapshot.json` and, at
+    the next fit() on the run, refuses to start when one of them no longer exists (CheckpointManagerInitialization-
+    Error: "...a checkpoint that does not exist anymore ... a corrupted run directory"): a step directory the
+    user deleted stops the run for good. raychat chooses the checkpoint it resumes itself (resume_checkpoint);
+    Ray's list only drives --keep-checkpoints. So before fit() the entries whose directories are gone are
+    dropped from it, and a snapshot Ray could not load (unreadable, or written by another Ray version) is
+    removed, with a message: --keep-checkpoints then no longer deletes the checkpoints it listed."""
+    import ray
+
+    fs, root = storage.filesystem(run_dir(cfg))
+    path = f"{root}/{RAY_SNAPSHOT}"
+    try:
+        with fs.open_input_stream(path) as f:
+            snap = json.loads(f.read().decode())
+        results = snap["checkpoint_results"]
+        problem = None if snap.get("ray_version") == ray.__version__ else f"written by Ray {snap.get('ray_version')}"
+    except FileNotFoundError:
+        return
+    except (ValueError, KeyError, TypeError) as e:
+        problem = f"unreadable ({e})"
+    if problem is not None:
+        fs.delete_file(path)
+        log(f"Removed Ray Train's checkpoint list {storage.join(run_dir(cfg), RAY_SNAPSHOT)}: {problem}; "
+            "--keep-checkpoints will not delete the checkpoints written before this run")
+        return
+    existing = {os.path.basename(p) for _, p in list_run_steps(run_dir(cfg))}
+    gone = [r["checkpoint_dir_name"] for r in results if r["checkpoint_dir_name"] not in existing]
+    if not gone:
+        return
+    kept = [(r, i) for r, i in zip(results, snap["checkpoint_report_indices"]) if r["checkpoint_dir_name"] in existing]
+    snap["checkpoint_results"] = [r for r, _ in kept]
+    snap["checkpoint_report_indices"] = [i for _, i in kept]
+    latest = snap.get("latest_checkpoint_result")
+    if latest is not None and latest["checkpoint_dir_name"] not in existing:
+        snap["latest_checkpoint_result"] = max(kept, key=lambda ri: ri[1])[0] if kept else None
+    pending = [(r, v) for r, v in zip(snap["pending_training_results"], snap["pending_validation_specs"])
+               if r["checkpoint_dir_name"] in existing]
+    snap["pending_training_results"] = [r for r, _ in pending]
+    snap["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        snap[key] = [name for name in snap.get(key, []) if name in existing]
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(snap).encode())
+    log(f"Run {cfg.run_name}: checkpoint(s) {', '.join(gone)} no longer exist; dropped from Ray Train's checkpoint "
+        "list so that the run starts")
+
+
+def prune_unreported(cfg, log=print) -> None:
+    """--keep-checkpoints is Ray Train's (CheckpointConfig.num_to_keep), which deletes only the checkpoints it
+    was told of. A checkpoint persisted by every rank but not yet reported when a worker died is resumed by the
+    restart (resume_checkpoint takes it) yet never reported, so Ray never deletes it. After fit(), each step
+    directory older than the oldest one Ray keeps and not on its list goes the same way."""
+    if cfg.keep_checkpoints is None:
+        return
+    fs, root = storage.filesystem(run_dir(cfg))
+    try:
+        with fs.open_input_stream(f"{root}/{RAY_SNAPSHOT}") as f:
+            listed = {r["checkpoint_dir_name"] for r in json.loads(f.read().decode())["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    steps = list_run_steps(run_dir(cfg))
+    kept = [s for s, p in steps if os.path.basename(p) in listed]
+    if len(kept) < cfg.keep_checkpoints:
+        return
+    for step, path in steps:
+        if step < min(kept) and os.path.basename(path) not in listed:
+            storage.delete_quietly(*storage.filesystem(path))
+            log(f"Deleted {path}: older than the {len(kept)} checkpoint(s) kept (--keep-checkpoints), and never "
+                "reported to Ray Train (a worker died first)")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Why a run stopped early, for its driver
 
 STOP_FILE = "stopped.json"
@@ -144,10 +225,11 @@ def write_stop(cfg, reason: str) -> None:
         fs.create_dir(root, recursive=True)
         with fs.open_output_stream(f"{root}/{STOP_FILE}") as f:
             f.write(json.dumps({"stopped": reason}).encode())
-    except OSError:
+    except OSError as e:
         kv = _ray_kv()
-        if kv is None:
-            raise
+        if kv is None:  # no Ray: the caller has the reason in the loop's summary
+            _warn(f"WARNING: the stop record could not be written to {run_dir(cfg)}: {storage.explain(e, run_dir(cfg))}")
+            return
         kv._internal_kv_put(_stop_key(cfg), reason.encode(), overwrite=True)
 
 
@@ -171,11 +253,14 @@ def read_stop(cfg, remove: bool = False) -> str | None:
     fs, root = storage.filesystem(run_dir(cfg))
     path = f"{root}/{STOP_FILE}"
     reason = None
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        with fs.open_input_stream(path) as f:
-            reason = json.loads(f.read().decode())["stopped"]
-        if remove:
-            fs.delete_file(path)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            with fs.open_input_stream(path) as f:
+                reason = json.loads(f.read().decode())["stopped"]
+            if remove:
+                fs.delete_file(path)
+    except OSError:
+        pass  # the storage is unreachable (often the very reason for the stop): the key-value store has it
     if (kv := _ray_kv()) is not None and (stored := kv._internal_kv_get(_stop_key(cfg))) is not None:
         reason = reason or stored.decode()
         if remove:

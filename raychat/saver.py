@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from raychat.checkpoint import save_rank_files
 from raychat.common import all_reduce_value, any_rank
-from raychat.storage import StorageError, free_bytes
+from raychat.storage import UNREACHABLE, StorageError, free_bytes
 
 
 def _map_tensors(obj, fn, other=lambda v: v):
@@ -234,27 +234,35 @@ class CheckpointSaver:
         if not block and checkpoint_dir is not None and any_rank(not self.writer.done(), self.device):
             return None
         self._pending = None
-        lasting = 0
+        lasting, why = 0, None
         try:
             self.writer.wait()
         except RuntimeError as e:
             if not isinstance(e.__cause__, StorageError):
                 raise  # anything else: Ray Train restarts the group from the newest checkpoint
-            lasting = e.__cause__.errno
+            lasting, why = e.__cause__.errno, str(e.__cause__)
         if checkpoint_dir is not None:
             if errno_ := int(all_reduce_value(lasting, self.device, dist.ReduceOp.MAX)):  # on any rank
-                return self._storage_failure(saved_step, errno_)
+                return self._storage_failure(saved_step, errno_, why)
             w = self.writer.timings
             self.log(f"Checkpoint of step {saved_step:05d}: copied in {w['staged']:.2f}s and written in "
                      f"{w['written']:.2f}s on a thread, reported at step {step:05d}")
         self.session.report(metrics, checkpoint_dir, saved_step)
         return None
 
-    def _storage_failure(self, step: int, errno_: int) -> str:
-        """Every rank's writer is done: remove the step's partial directory and say what it needed."""
+    def _storage_failure(self, step: int, errno_: int, why: str | None) -> str:
+        """Every rank's writer is done: remove the step's partial directory and say what it needed. `why` is
+        this rank's own StorageError, if it had one."""
         needed = all_reduce_value(self.writer.written_bytes, self.device, dist.ReduceOp.SUM)
         if self.master:
             self.session.discard(step)
+        if errno_ == UNREACHABLE:  # the storage kept failing through every retry (raychat.storage.with_retries)
+            reason = (f"the checkpoint of step {step} could not be saved to {self.run_dir}: "
+                      f"{why or 'the storage kept failing on another rank'}. The older checkpoints are intact and "
+                      "this step's partial files are never taken for a checkpoint: check that the storage is "
+                      "reachable (endpoint, network, credentials), then rerun to resume")
+            self.log(f"ERROR: {reason}")
+            return reason
         free = free_bytes(self.run_dir)
         mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
         reason = (f"the checkpoint of step {step} could not be saved to {self.run_dir}: {os.strerror(errno_)}; "

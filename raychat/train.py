@@ -14,11 +14,15 @@ import sys
 import uuid
 
 from raychat.config import TrainConfig, changed_settings, derive, describe_changes, parse_args
+from raychat.inputs import read_tokenizer_files
 
 # What workers need in their environment; forwarded only when set, never secrets (those travel through the
-# job's runtime_env, see docs/CLUSTER.md).
+# job's runtime_env, see docs/CLUSTER.md). The storage endpoint and region go along so that the workers write
+# to the very store the driver checked; credentials come from each node (its role) or the job's runtime_env.
 _FORWARD_ENV = ("RAYCHAT_BASE_DIR", "WANDB_MODE", "WANDB_PROJECT", "TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS",
-                "RAY_DATA_USE_DATASOURCE_V2")
+                "RAY_DATA_USE_DATASOURCE_V2", "RAYCHAT_STORAGE_TRIES", "RAYCHAT_STORAGE_RETRY_S",
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                "AWS_EC2_METADATA_DISABLED")
 
 
 class PreflightError(ValueError):
@@ -66,9 +70,26 @@ def check_slots(cfg: TrainConfig, plan, train_files: list) -> None:
                          "--rows-per-group")
 
 
+def check_storage(cfg: TrainConfig) -> None:
+    """Each bucket the run reads or writes exists and takes these credentials (a local path is not checked)."""
+    from raychat import storage
+
+    problems = []
+    for flag, path in (("--storage-path", cfg.storage_path), ("--data-dir", cfg.data_dir),
+                       ("--tokenizer-dir", cfg.tokenizer_dir)):
+        try:
+            storage.check_access(path, flag)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise PreflightError(problems)
+
+
 def check_resume(cfg: TrainConfig, plan) -> None:
-    """The checkpoint the workers will resume (if any), checked against this run."""
+    """The checkpoint the workers will resume (if any), checked against this run: its model, data slots,
+    trajectory settings and inputs (raychat.inputs)."""
     from raychat import checkpoint as ckpt_files
+    from raychat.inputs import check_unchanged, fingerprint
     from raychat.runs import resume_checkpoint
 
     with resume_checkpoint(cfg) as d:
@@ -76,6 +97,11 @@ def check_resume(cfg: TrainConfig, plan) -> None:
             meta = ckpt_files.read_meta(d)
             ckpt_files.check_compatible(meta, plan.model_config, plan.num_slots, d)
             check_settings_kept(cfg, meta, d)
+            now = fingerprint(cfg.data_dir, read_tokenizer_files(cfg.tokenizer_dir))
+            allowed = check_unchanged(meta, now, cfg.allowed_changes(), cfg.run_name, d)
+            if allowed:
+                print(f"Changed inputs from step {meta['step']} on (--allow-changed): {'; '.join(allowed.values())}")
+            print(f"Run {cfg.run_name} resumes from step {meta['step']}")
 
 
 def preflight(cfg: TrainConfig, resume: bool = True):
@@ -85,6 +111,7 @@ def preflight(cfg: TrainConfig, resume: bool = True):
     together as a PreflightError; returns the plan. --dry-run runs exactly this, and only this."""
     from raychat import checkpoint as ckpt_files
 
+    check_storage(cfg)  # an unreachable bucket fails every check below, each after the SDK's retries
     problems = []
 
     def check(fn, *args):
@@ -173,29 +200,12 @@ def resolve_device(cfg: TrainConfig) -> TrainConfig:
                                device_type="cuda" if use_gpu else (cfg.device_type or "cpu"))
 
 
-def read_tokenizer_files(tokenizer_dir: str) -> dict:
-    """The tokenizer's two small files as bytes (local path or s3://, gs://): workers and data actors on any
-    node get the tokenizer with their config, so no node needs the directory."""
-    from raychat import storage
-    from raychat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE
-
-    fs, root = storage.filesystem(tokenizer_dir)
-    files = {}
-    for name in (TOKENIZER_FILE, TOKEN_BYTES_FILE):
-        try:
-            with fs.open_input_stream(f"{root}/{name}") as f:
-                files[name] = f.read()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{tokenizer_dir}/{name} is missing: train a tokenizer with "
-                                    "`python -m scripts.tok_train` or pass --tokenizer-dir") from None
-    return files
-
-
 def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raychat import local_ray
+    from raychat.inputs import fingerprint
     from raychat.loop import train_loop_per_worker
 
     use_gpu = cfg.use_gpu == "true"
@@ -215,10 +225,12 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
     # step line is the progress report: no Ray Data progress bars for the internal token streams.
     env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
                PYTORCH_ALLOC_CONF="expandable_segments:True")  # as the reference sets before importing torch
+    tokenizer_files = read_tokenizer_files(cfg.tokenizer_dir)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "fit_id": fit_id or uuid.uuid4().hex,
-                           "tokenizer_files": read_tokenizer_files(cfg.tokenizer_dir)},
+                           "tokenizer_files": tokenizer_files,
+                           "inputs": fingerprint(cfg.data_dir, tokenizer_files)},
         scaling_config=scaling_config,
         run_config=RunConfig(
             name=cfg.run_name, storage_path=cfg.storage_path,
@@ -231,11 +243,18 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
 
 
 def main(argv=None) -> int:
+    from raychat.lease import Lease
+    from raychat.runs import run_dir
+
+    lease = None
     try:
         cfg = parse_args(argv).resolve_paths()
         if cfg.run_name is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg = dataclasses.replace(cfg, run_name=f"{cfg.tag}-{stamp}")
+        if not cfg.dry_run:  # one driver per run, before anything reads the run's checkpoints
+            check_storage(cfg)
+            lease = Lease.acquire(run_dir(cfg), cfg.run_name)
         plan = preflight(cfg)
         if cfg.dry_run:  # the real launch's checks, all of them, and no cluster
             _print_plan(cfg, plan)
@@ -243,10 +262,19 @@ def main(argv=None) -> int:
                   "nothing was started.")
             return 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if lease is not None:
+            lease.release()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _print_plan(cfg, plan)
+    try:
+        return run(cfg, plan)
+    finally:
+        lease.release()
 
+
+def run(cfg: TrainConfig, plan) -> int:
+    """Start (or attach to) Ray and run the checked config to its end: the driver's exit code."""
+    _print_plan(cfg, plan)
     from raychat import local_ray
     from raychat.common import available_cpus
 
@@ -259,9 +287,10 @@ def main(argv=None) -> int:
         return 2
     from ray.train import TrainingFailedError
 
-    from raychat.runs import read_stop, run_dir
+    from raychat.runs import prune_unreported, read_stop, repair_ray_snapshot, run_dir
 
     read_stop(cfg, remove=True)  # a rerun continues the run: an earlier stop no longer applies
+    repair_ray_snapshot(cfg)  # Ray Train would refuse a run whose newest checkpoints were deleted
     try:
         build_trainer(cfg).fit()
     except (KeyboardInterrupt, SystemExit):
@@ -270,9 +299,11 @@ def main(argv=None) -> int:
               f"{cfg.run_name}) to resume.", file=sys.stderr)
         return 130
     except TrainingFailedError as e:
+        prune_unreported(cfg)
         print(f"error: training failed after {cfg.max_failures} automatic restart(s): {e}\n"
               f"Checkpoints are kept: rerun the same command (--run-name {cfg.run_name}) to resume.", file=sys.stderr)
         return 1
+    prune_unreported(cfg)
     stopped = read_stop(cfg)
     if stopped:
         print(f"error: training stopped: {stopped}", file=sys.stderr)

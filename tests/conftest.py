@@ -113,10 +113,13 @@ def tiny_args(data_dir, tok_dir, storage, name, *extra):
 
 
 def tiny_config(data_dir, tok_dir, storage, name, *extra):
-    """The TrainConfig of `tiny_args`, as the driver hands it over (paths resolved)."""
+    """The TrainConfig of `tiny_args`, as the driver hands it over (paths resolved), for a run without Ray: tokens
+    packed inline (with a CPU to spare, `auto` would pick Ray Data and start a Ray), one thread per worker (a
+    step is milliseconds, and several threads per process on a busy 2-core machine mostly wait for each other)."""
     from raychat.config import parse_args
 
-    return parse_args(tiny_args(data_dir, tok_dir, storage, name, *extra)).resolve_paths()
+    flags = ["--cpus-per-worker", "1", "--data-backend", "inline", *extra]
+    return parse_args(tiny_args(data_dir, tok_dir, storage, name, *flags)).resolve_paths()
 
 
 def train_local(cfg):

@@ -4,7 +4,8 @@ Every row gives a raychat CLI (or the file reader/validator behind it) one wrong
 things: it fails (exit code 2, or the named exception for readers), the message names the problem *and* the
 fix (two fragments per row), and nothing on disk changed: shards, tokenizer and saved checkpoints hash the
 same before and after. The training CLI is called for real (not --dry-run): the refusal must come from the
-preflight, before any Ray work; no row starts Ray except the GPU one (which needs a cluster to ask).
+preflight, before any Ray work; no row starts Ray except the GPU one (which needs a cluster to ask, and is
+slow for it).
 """
 import dataclasses
 import os
@@ -23,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_args(ws, name="ckpt", *extra):
-    """One worker x 2 accumulation steps, the shapes of tests/test_train.py."""
+    """One worker x 2 accumulation steps, the shapes of conftest.tiny_args."""
     return ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
             "--device-batch-size", "4", "--total-batch-size", "512", "--window-pattern", "SL",
             "--num-iterations", "2", "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1",
@@ -354,6 +355,7 @@ def test_train_cli_refusals_exit_2_before_ray(ws, capsys):
     assert ray.is_initialized() == ray_was_up
 
 
+@pytest.mark.slow
 def test_gpu_asked_on_a_cpu_cluster(ws, ray_local, capsys):
     """--use-gpu true against a cluster without GPUs: refused once the cluster is known, before any worker."""
     before = tree_hashes(ws.root)

@@ -1,7 +1,8 @@
 """The paths a GPU run takes beyond the CPU tests: torch.compile of the model and of the optimizer kernels,
 DistMuonAdamW over the device's backend (NCCL), and checkpoint staging from device memory (pinned buffers, a
 side stream). Each check runs on CUDA when a GPU is present (bf16 autocast, as training), and always on CPU
-(gloo, fp32), so that CI keeps the checks themselves working on machines without one.
+(gloo, fp32), so that CI keeps the checks themselves working on machines without one. The compile checks on
+CPU are slow (inductor's C++ compile: ~30 s each on 2 cores) and marked so.
 """
 import contextlib
 
@@ -19,11 +20,21 @@ V, T = 256, 64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request):
+def _device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return request.param
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    return _device(request)
+
+
+@pytest.fixture(params=[pytest.param("cpu", marks=pytest.mark.slow), "cuda"])
+def compile_device(request):
+    """The device of a torch.compile check: compiling on CPU is slow."""
+    return _device(request)
 
 
 def tiny_gpt(device, seed=0):
@@ -58,7 +69,8 @@ def train_steps(model, opt, device, steps=3):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-def test_compiled_model_matches_eager(device):
+def test_compiled_model_matches_eager(compile_device):
+    device = compile_device
     model = tiny_gpt(device)
     train_steps(model, optim.MuonAdamW(model.optimizer_groups()), device, steps=2)  # at init the output is ~0, and many grads
     x, y = batch(device)
@@ -73,7 +85,8 @@ def test_compiled_model_matches_eager(device):
 
 
 @pytest.mark.parametrize("ortho", ["fp32", "bf16"])
-def test_compiled_optimizer_kernels_match_eager(device, ortho, monkeypatch):
+def test_compiled_optimizer_kernels_match_eager(compile_device, ortho, monkeypatch):
+    device = compile_device
     if device == "cuda" and ortho == "fp32":
         pytest.skip("CUDA runs the reference's bf16 orthogonalisation")
     start = {n: p.detach().float().clone() for n, p in tiny_gpt(device).named_parameters()}

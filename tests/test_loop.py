@@ -5,6 +5,7 @@ Every resumed run is compared tensor for tensor with the uninterrupted one (`loc
 itself (automatic restarts, the driver, elastic resizing, several nodes) is in test_reliability.py,
 test_train.py and test_elastic.py.
 """
+import gc
 import os
 import shutil
 import subprocess
@@ -152,6 +153,8 @@ def test_rerun_resumes_the_newest_checkpoint(local_baseline, config, monkeypatch
     cfg = config("rerun", "--debug-fail-at-step", "10", "--debug-fail-kind", "exit")
     with pytest.raises(Died):
         train_local(cfg)
+    gc.unfreeze()  # the loop froze and disabled the collector after its first step; a real exit ends the process
+    gc.enable()
     run = os.path.join(cfg.storage_path, "rerun")
     assert os.path.exists(os.path.join(run, ".injected_failure_step10"))
     newest = max(_steps(run))

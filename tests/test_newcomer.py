@@ -56,10 +56,9 @@ def test_dry_run_passes_on_real_data_and_checks_the_slots(tiny_data_dir, tiny_to
     assert not os.path.exists(storage)
 
 
-@pytest.mark.slow
-def test_dry_run_checks_the_checkpoint_a_rerun_would_resume(baseline, tiny_data_dir, tiny_tokenizer_dir, storage,
-                                                            capsys):
-    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "baseline", "--num-workers", "2")
+def test_dry_run_checks_the_checkpoint_a_rerun_would_resume(local_baseline, tiny_data_dir, tiny_tokenizer_dir,
+                                                            storage, capsys):
+    args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "local-baseline", "--num-workers", "2")
     assert train_main([*args, "--dry-run"]) == 0
     assert train_main([*args, "--depth", "3", "--dry-run"]) == 2
     assert "another model" in capsys.readouterr().err
@@ -146,13 +145,12 @@ def test_report_takes_the_evaluation_and_replaces_an_earlier_one(tmp_path):
     assert not add_evaluation(str(tmp_path / "no-run" / "report.md"), "x")
 
 
-@pytest.mark.slow
-def test_eval_reproduces_the_runs_val_bpb_and_fills_its_report(baseline, tiny_data_dir, tiny_tokenizer_dir,
+def test_eval_reproduces_the_runs_val_bpb_and_fills_its_report(local_baseline, tiny_data_dir, tiny_tokenizer_dir,
                                                                tmp_path):
     """The same checkpoint and token count give the same val bpb in training and in raychat.eval (the batch
     layout follows the run's), and the run's report gains the evaluation and its samples."""
     storage = str(tmp_path / "runs")
-    shutil.copytree(baseline, os.path.join(storage, "baseline"))  # the shared baseline stays untouched
+    shutil.copytree(local_baseline, os.path.join(storage, "baseline"))  # the shared baseline stays untouched
     assert eval_main(["--run-name", "baseline", "--storage-path", storage, "--eval", "bpb,sample",
                       "--data-dir", tiny_data_dir, "--tokenizer-dir", tiny_tokenizer_dir,
                       "--split-tokens", "1024"]) == 0  # the run's --eval-tokens; its device batch size by default

@@ -46,7 +46,9 @@ def test_materialise_a_local_directory_is_the_directory(tmp_path):
         assert d == str(tmp_path)
 
 
-def test_copy_to_storage_deletes_the_local_copy_and_names_lasting_errors(tmp_path):
+def test_copy_to_storage_deletes_the_local_copy_and_names_lasting_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYCHAT_STORAGE_TRIES", "3")
+    monkeypatch.setenv("RAYCHAT_STORAGE_RETRY_S", "0")
     src = tmp_path / "ckpt"
     src.mkdir()
     (src / "optim_rank0.pt").write_bytes(b"x")
@@ -63,13 +65,27 @@ def test_copy_to_storage_deletes_the_local_copy_and_names_lasting_errors(tmp_pat
     assert e.value.errno == errno.ENOSPC and not src.exists()
 
     class Flaky(pafs.LocalFileSystem):
+        failures = 2
+
         def create_dir(self, path, recursive=True):
-            raise OSError(errno.ECONNRESET, "reset")
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise OSError(errno.ECONNRESET, "reset")
+            super().create_dir(path, recursive=recursive)
 
     src.mkdir()
-    with pytest.raises(OSError) as e:  # a passing error: raised as it is, for a retry
-        storage.copy_to_storage(str(src), Flaky(), str(tmp_path / "run" / "step_000003"))
-    assert not isinstance(e.value, storage.StorageError)
+    (src / "done_rank0.json").write_text("{}")
+    (src / "optim_rank0.pt").write_bytes(b"y")
+    logged = []
+    storage.copy_to_storage(str(src), Flaky(), str(tmp_path / "run" / "step_000003"), log=logged.append)
+    assert (tmp_path / "run" / "step_000003" / "optim_rank0.pt").read_bytes() == b"y"  # a passing error: retried
+    assert len(logged) == 2 and "(try 1 of 3: [Errno 104] reset); retrying in 0 s" in logged[0]
+
+    Flaky.failures = 3  # down for longer than the tries
+    src.mkdir()
+    with pytest.raises(storage.StorageError, match=r"step_000004: the storage failed 3 time\(s\) over 0 s") as e:
+        storage.copy_to_storage(str(src), Flaky(), str(tmp_path / "run" / "step_000004"), log=logged.append)
+    assert e.value.errno == storage.UNREACHABLE and not src.exists()
 
 
 def test_free_bytes_and_delete_quietly(tmp_path):

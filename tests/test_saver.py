@@ -1,7 +1,11 @@
-"""BackgroundWriter: the checkpoint holds the state as it was at submit, however training changes it after
-wait_staged(), and the loop learns of a write's end (done) or its failure (wait) without racing it."""
+"""raychat.saver. BackgroundWriter: the checkpoint holds the state as it was at submit, however training changes
+it after wait_staged(), and the loop learns of a write's end (done) or its failure (wait) without racing it.
+CheckpointSaver: a checkpoint is reported only once its files are in storage, and a storage that refuses it for
+a lasting reason ends the run with one reason instead of an exception (which Ray Train would retry)."""
+import errno
 import json
 import os
+import shutil
 import threading
 
 import pytest
@@ -9,7 +13,8 @@ import torch
 
 from raychat import checkpoint as ckpt_files
 from raychat import saver
-from raychat.saver import BackgroundWriter, _tensors
+from raychat.saver import BackgroundWriter, CheckpointSaver, _tensors
+from raychat.storage import StorageError
 
 
 def _state():
@@ -136,3 +141,83 @@ def test_uncopied_checkpoint_writes_the_live_state_and_allocates_no_buffers(tmp_
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     saved = torch.load(tmp_path / "optim_rank0.pt", weights_only=True)
     assert torch.equal(saved["state"][0]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# CheckpointSaver, with a session that persists into a directory and records what the loop reports
+
+
+class FakeSession:
+    rank, world_size = 0, 1
+
+    def __init__(self, storage, fail=None):
+        self.storage, self.fail = storage, fail
+        self.reports, self.discarded = [], []
+
+    def persist(self, checkpoint_dir, step):
+        if self.fail is not None:
+            raise self.fail
+        shutil.copytree(checkpoint_dir, os.path.join(self.storage, ckpt_files.step_dir_name(step)))
+
+    def discard(self, step):
+        self.discarded.append(step)
+
+    def report(self, metrics, checkpoint_dir, step):
+        persisted = os.path.join(self.storage, ckpt_files.step_dir_name(step))
+        self.reports.append((dict(metrics), step, checkpoint_dir is not None and os.path.isdir(persisted)))
+
+
+class FakeStreams:
+    def state_dict(self):
+        return [{"row": 1}]
+
+
+class NoFaults:
+    def at(self, step, kind):
+        pass
+
+
+def _saver(tmp_path, session):
+    model, optimizer = _state()
+    logged = []
+    saver = CheckpointSaver(session, str(tmp_path), model, optimizer, FakeStreams(), NoFaults(), torch.device("cpu"),
+                            logged.append)
+    return saver, logged
+
+
+def test_checkpoint_is_reported_once_it_is_in_storage(tmp_path, held_write):
+    session = FakeSession(str(tmp_path / "run"))
+    saver, logged = _saver(tmp_path, session)
+    assert saver.save_point(4, {"step": 4}, meta={"step": 4, "world_size": 1}) is None
+    saver.before_update()  # staged: the loop may change the weights
+    assert saver.poll(5) is None and session.reports == []  # still writing: the report waits
+    held_write.set()
+    assert saver.close(6) is None
+    assert session.reports == [({"step": 4}, 4, True)]
+    assert ckpt_files.check_complete(str(tmp_path / "run" / "step_000004")) is None
+    assert logged and logged[-1].startswith("Checkpoint of step 00004") and "reported at step 00006" in logged[-1]
+    # A report without a checkpoint (an evaluation step) goes out at the next save point or poll.
+    assert saver.save_point(8, {"step": 8, "val_bpb": 1.0}) is None
+    assert saver.poll(9) is None
+    assert session.reports[-1] == ({"step": 8, "val_bpb": 1.0}, 8, False)
+
+
+def test_lasting_storage_failure_stops_the_run_with_one_reason(tmp_path):
+    session = FakeSession(str(tmp_path / "run"), fail=StorageError("disk full", errno.ENOSPC))
+    saver, logged = _saver(tmp_path, session)
+    saver.save_point(12, {"step": 12}, meta={"step": 12, "world_size": 1})
+    reason = saver.close(13)
+    assert reason.startswith(f"the checkpoint of step 12 could not be saved to {tmp_path}: No space left on device; "
+                             "it needs")
+    assert "are free there" in reason and "the older checkpoints are intact" in reason
+    assert session.discarded == [12] and session.reports == []  # no half-written step, nothing reported
+    assert logged == [f"ERROR: {reason}"]
+
+
+def test_other_write_failures_raise_for_a_restart(tmp_path):
+    session = FakeSession(str(tmp_path / "run"), fail=ConnectionError("storage unreachable"))
+    saver, _ = _saver(tmp_path, session)
+    saver.save_point(4, {"step": 4}, meta={"step": 4, "world_size": 1})
+    with pytest.raises(RuntimeError, match="writing the checkpoint failed: storage unreachable"):
+        saver.close(5)
+    assert session.discarded == [] and session.reports == []

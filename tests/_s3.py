@@ -1,0 +1,202 @@
+"""A real S3-compatible server for the tests: moto's standalone server (`python -m moto.server`, from the `dev`
+extra), on 127.0.0.1 and a free port, with authentication on: it knows one IAM user whose key may use S3, and
+refuses any other key. raychat reaches it as a user reaches any S3-compatible store, through the standard
+environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
+
+Clients talk to it through `Proxy`, a TCP relay a test can take down and bring back (moto keeps its objects in
+memory, so stopping the server itself would lose them): `fail_on(pattern)` takes the endpoint down the moment
+a request containing `pattern` (an object key) arrives, as if the store went away in the middle of an upload.
+
+Import the fixtures into a test module: `from tests._s3 import s3, s3_env  # noqa: F401`.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+BUCKET = "raychat-test"
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proxy:
+    """A TCP relay from 127.0.0.1:`port` to `target`. `down()` closes the listening socket and every open
+    connection (clients see connection refused); `up()` listens again on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, free_port()
+        self._lock = threading.Lock()
+        self._conns, self._listener, self._trigger = [], None, None
+        self.up()
+
+    def up(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    @property
+    def is_up(self) -> bool:
+        return self._listener is not None
+
+    def fail_on(self, pattern: bytes, back_after_s: float | None = None) -> threading.Event:
+        """Take the endpoint down when a request containing `pattern` arrives (that request is dropped), and
+        bring it back `back_after_s` later (None: when the test calls up()). Returns an event set at the fault."""
+        fired = threading.Event()
+        self._trigger = (pattern, back_after_s, fired)
+        return fired
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # down()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and self._trigger is not None and self._trigger[0] in data:
+                    pattern, back_after_s, fired = self._trigger
+                    self._trigger = None
+                    self.down()
+                    fired.set()
+                    if back_after_s is not None:
+                        threading.Timer(back_after_s, self.up).start()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class S3Server:
+    """moto's server in a subprocess, one IAM user with S3 rights, one bucket, and a Proxy in front."""
+
+    def __init__(self):
+        port = free_port()
+        # The first 3 requests (creating the user, its key and its policy) go unauthenticated; every later one
+        # must be signed with that key.
+        env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.server_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.server_url}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto's server did not start (is the `dev` extra installed?)") from None
+                time.sleep(0.1)
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.server_url, region_name=REGION, aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="raychat")
+        key = iam.create_access_key(UserName="raychat")["AccessKey"]
+        iam.put_user_policy(UserName="raychat", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
+        self.proxy = Proxy(port)
+        self.endpoint = f"http://127.0.0.1:{self.proxy.port}"
+        self.client().create_bucket(Bucket=BUCKET)
+
+    @property
+    def env(self) -> dict:
+        """What a user sets to reach this store. AWS_EC2_METADATA_DISABLED: the SDK never asks the cloud's
+        metadata address for credentials, so no request leaves this machine."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.server_url, region_name=REGION,
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object key under `prefix` in the bucket, sorted."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def steps(self, run_prefix: str) -> list[int]:
+        """The step_XXXXXX directories under a run's prefix."""
+        import re
+
+        return sorted({int(m.group(1)) for k in self.keys(run_prefix + "/")
+                       if (m := re.search(r"/step_(\d{6,})/", k))})
+
+    def upload_dir(self, local_dir: str, prefix: str) -> str:
+        """Copy a local directory's files to s3://BUCKET/prefix/; returns that URI."""
+        for name in sorted(os.listdir(local_dir)):
+            self.client().upload_file(os.path.join(local_dir, name), BUCKET, f"{prefix}/{name}")
+        return f"s3://{BUCKET}/{prefix}"
+
+    def close(self) -> None:
+        self.proxy.down()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The session's S3 server; tests use their own prefixes in its bucket."""
+    server = S3Server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This process configured for the server as a user would (environment variables), the endpoint up, and
+    quick storage retries: 3 tries, waits of 0.5 s then 1 s."""
+    for k, v in dict(s3.env, RAYCHAT_STORAGE_TRIES="3", RAYCHAT_STORAGE_RETRY_S="0.5").items():
+        monkeypatch.setenv(k, v)
+    s3.proxy.up()
+    yield s3
+    s3.proxy.up()
