@@ -89,10 +89,15 @@ class LocalSession(_Session):
         self.reports = []
 
     def resolve(self, cfg):
-        """A local run on the CPUs this process may use."""
+        """A local run on the CPUs this process may use. It starts no Ray, so `--data-backend auto` tokenizes
+        inline (an explicit `ray` still gets Ray Data)."""
+        import dataclasses
+
         from raychat.common import available_cpus
         from raychat.local_ray import resolve_auto
 
+        if cfg.data_backend == "auto":
+            cfg = dataclasses.replace(cfg, data_backend="inline")
         return resolve_auto(cfg, local=True, cpus=available_cpus())
 
     def device(self, device_type: str) -> torch.device:
