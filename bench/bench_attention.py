@@ -106,8 +106,8 @@ def main(argv=None):
                 f"{name} {med[name]:.1f} ms (min {min(times[name]) * 1e3:.1f})" for name in variants))
             for name in variants:
                 if name.startswith("banded"):
-                    print(f"  {name}: {med[name] / med['causal']:.2f} x causal, {med[name] / med['masked']:.2f} x masked"
-                          f" (medians)")
+                    print(f"  {name}: {med[name] / med['causal']:.2f} x causal, "
+                          f"{med[name] / med['masked']:.2f} x masked (medians)")
     finally:
         attention.set_attention_impl(None)
         attention.BAND_BLOCK = default_block

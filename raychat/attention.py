@@ -60,8 +60,10 @@ def _has_flex() -> bool:
 
 HAS_FLEX = _has_flex()
 
-# Queries per block of the banded path. Forward + backward on 2 CPU threads, B 2 x 4 heads x T 2048 x head
-# dim 64, windows T/2 and T/4: blocks of 192 and 256 tie, 64 and 384 are slower (bench/bench_attention.py).
+# Queries per block of the banded path. Smaller blocks waste less of each block's key range on masked
+# scores, larger ones make fewer, better-parallelised calls: forward + backward, B 2 x 4 heads x T 2048 x
+# head dim 64, windows T/2 and T/4, on 1 and 2 CPU threads, 192 and 256 tie, 64, 128 and 384 are no better
+# (bench/bench_attention.py --blocks).
 BAND_BLOCK = 256
 
 # None = automatic; otherwise one of the kernels below, forced. Changed only via set_attention_impl.

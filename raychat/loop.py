@@ -13,6 +13,7 @@ import uuid
 
 import torch
 
+from raychat.attention import attention_path
 from raychat.checkpoint import check_compatible, load_nanochat_model, load_rank_state
 from raychat.common import any_rank, slot_range
 from raychat.config import TrainConfig, derive
@@ -114,6 +115,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         model = GPT(GPTConfig(**plan.model_config))
     model.to_empty(device=device)
     model.init_weights()
+    attention = attention_path(model.window_sizes, cfg.max_seq_len, dev.type)
+    log(f"Attention: {attention}")
     orig_model = model  # uncompiled: sampling, CORE and the saved state dict (no `_orig_mod.` keys)
     compile_ = use_compile(cfg, dev.type, plan.num_flops_per_token * cfg.device_batch_size * cfg.max_seq_len)
     if compile_:
@@ -312,7 +315,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         "step": state.step, "num_iterations": N, "val_bpb": state.val_bpb, "min_val_bpb": state.min_val_bpb,
         "core_metric": core_metric, "mfu": mfu, "device_type": dev.type,
         "total_training_time": state.total_training_time, "total_training_flops": flops_per_step * state.step,
-        "peak_memory_mib": peak_mem_mib, "stopped": stopped_reason, "resizes": state.resizes,
+        "peak_memory_mib": peak_mem_mib, "attention": attention, "stopped": stopped_reason, "resizes": state.resizes,
         "setting_changes": state.setting_changes,
     }
     if stopped_reason is not None:

@@ -73,6 +73,7 @@ def render_report(cfg, plan, summary: dict, history: dict, out_dir: str) -> str:
         "Tokens : Scaling params ratio": plan.total_tokens / plan.num_scaling_params,
         "DDP world size": plan.world_size,
         "Gradient accumulation steps": plan.grad_accum_steps,
+        "Attention": summary.get("attention"),
         "warmup_ratio": cfg.warmup_ratio, "warmdown_ratio": cfg.warmdown_ratio, "final_lr_frac": cfg.final_lr_frac,
     }
     outcomes = {
