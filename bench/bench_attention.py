@@ -18,32 +18,14 @@ a parallel region that waits for its slowest thread. `--threads 1 --cpu-time` me
 (process CPU time), which other processes barely disturb: use it to compare variants on a shared machine.
 """
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
 
+from bench.machine import cpu_description
 from raychat import attention
 from raychat.attention import flash_attn_func
-
-
-def cpu_description() -> str:
-    """Model name and the SIMD flags that decide the kernels' speed, from /proc/cpuinfo."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() in ("flags", "Features"):
-                    flags = set(value.split())
-    except OSError:
-        pass
-    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4", "asimd", "sve")) or f == "bf16")
-    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(simd) or 'none listed'}"
 
 
 def fwd_bwd(q, k, v, grad, clock, window, impl, block=None):

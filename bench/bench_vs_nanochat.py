@@ -29,7 +29,6 @@ gap into the loop's part (local / nanochat) and Ray's part (raychat / local).
 """
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -41,6 +40,7 @@ import time
 
 _OMP_BEFORE = os.environ.get("OMP_NUM_THREADS")
 from bench.bench_train import REPO, prepare_bench_data  # noqa: E402  (it sets the bench env at import)
+from bench.machine import cpu_description
 
 if _OMP_BEFORE is None:  # bench_train pins 1 thread per process; here each side sizes its own threads
     os.environ.pop("OMP_NUM_THREADS", None)
@@ -48,22 +48,6 @@ if _OMP_BEFORE is None:  # bench_train pins 1 thread per process; here each side
 STEP = re.compile(r"step (\d+)/(\d+) \(.*?\) \| loss: ([\d.]+) .*?\| dt: ([\d.]+)ms")
 PEER_VENV_HINT = ("python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip install torch==2.13.0 tiktoken "
                   "rustbpe pyarrow numpy wandb requests filelock psutil tokenizers regex")
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() in ("flags", "Features"):
-                    flags = set(value.split())
-    except OSError:
-        pass
-    shown = sorted(flags & {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "bf16"})
-    return f"{model}, {len(os.sched_getaffinity(0))} CPUs, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
 
 
 def write_peer_layout(data_dir: str, tok_dir: str, base: str) -> None:

@@ -102,12 +102,13 @@ def test_a_run_on_s3_end_to_end(baseline, shakespeare_path, tiny_tokenizer_dir, 
     assert "step_000016 no longer exist; dropped from Ray Train's checkpoint list" in out
     assert "Run e2e resumes from step 12" in out and "Resized from 2 to 1 workers at step 12" in out
     assert s3.steps("e2e/runs/e2e") == [12, 16]
-    # The weights and val bpb equal the uninterrupted run's; the logged train loss is rank 0's last micro-batch
-    # (the reference's quirk), another micro-batch on another worker count.
+    # The weights equal the uninterrupted 2-worker run's, and so do the val bpb entries the 2 workers measured
+    # (steps 0, 8); at step 16 one worker measures other documents (each rank reads its own val stream), and
+    # the logged train loss is rank 0's last micro-batch (the reference's quirk), another one on 1 worker.
     state, meta = load_step(_download_run(s3, "e2e/runs/e2e", str(tmp_path / "second")), STEPS)
     ref, ref_meta = load_step(baseline, STEPS)
     assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
-    assert meta["history"]["val_bpb"] == ref_meta["history"]["val_bpb"]
+    assert meta["history"]["val_bpb"][:2] == ref_meta["history"]["val_bpb"][:2]
 
 
 # ----------------------------------------------------------------------------------------------------
