@@ -21,7 +21,7 @@ import torch
 from raychat import checkpoint as ckpt_files
 from raychat import runs, storage
 from raychat.common import cli_parser, get_base_dir
-from raychat.device import DeviceContext
+from raychat.device import DeviceContext, process_env
 
 EVALS = ("core", "bpb", "sample")
 
@@ -98,13 +98,13 @@ def load_model(kind: str, directory: str, step, device):
     else:
         state = torch.load(os.path.join(directory, ckpt_files.MODEL_FILE), map_location=device, weights_only=True)
         meta = ckpt_files.read_meta(directory)
-        if device.type != "cuda":  # a checkpoint from a CUDA run stores wte and value embeddings in bf16
-            state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(GPTConfig(**meta["model_config"]))
     model.to_empty(device=device)
-    model.init_weights()  # computes the rotary buffers; the weights come from the checkpoint
-    model.load_state_dict(state, strict=True, assign=True)
+    model.init_weights()  # computes the rotary buffers and sets the device's dtypes; the weights come next
+    # Copied into the model's own tensors, as the training loop resumes: each takes the dtype this device gives
+    # it (a CUDA run's bf16 embeddings become fp32 on a CPU, a CPU run's fp32 ones bf16 on a GPU).
+    model.load_state_dict(state, strict=True)
     model.eval()
     return model, meta
 
@@ -256,7 +256,8 @@ def main(argv=None) -> int:
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name=f"eval-{os.path.basename(args.checkpoint or args.nanochat or args.run_name)}",
                              storage_path=tempfile.mkdtemp(prefix="raychat-eval-"),
-                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                              **process_env(gpu_worker=use_gpu)}}),
         torch_config=local_ray.torch_config(timeout_s=1800))  # Ray Train's default timeout
     trainer.fit()
     return 0

@@ -84,7 +84,11 @@ class Lease:
         held = lease.read()
         if held is not None and held.get("owner") != lease.record["owner"]:
             lease._refuse_unless_abandoned(held)
-        lease._write()
+        try:
+            lease._write()
+        except OSError as e:
+            raise ValueError(f"run {run_name}: its directory {run_dir} cannot be written "
+                             f"({storage.explain(e, run_dir)}); pass a writable --storage-path") from None
         # Read back after a wait longer than a write takes: a driver that wrote after us has won.
         time.sleep(settle_s if settle_s is not None else (1.0 if storage.is_remote(run_dir) else 0.2))
         held = lease.read()
@@ -122,7 +126,8 @@ class Lease:
         self.record["heartbeat"] = time.time()
         data = json.dumps(self.record).encode()
         if storage.is_remote(self.run_dir):  # an object PUT is atomic
-            self.fs.create_dir(self.fs_path.rpartition("/")[0], recursive=True)
+            if self._thread is None:  # the first write: the run's "directory" may not exist yet
+                self.fs.create_dir(self.fs_path.rpartition("/")[0], recursive=True)
             with self.fs.open_output_stream(self.fs_path) as f:
                 f.write(data)
             return

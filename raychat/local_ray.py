@@ -94,15 +94,12 @@ def start(cpus_needed: float) -> None:
 
 
 def torch_config(timeout_s: int):
-    """The process group setup: on the embedded Ray every worker is on this machine, so the rendezvous listens
-    on 127.0.0.1 only (raychat.rendezvous); on a cluster Ray Train's own."""
-    if is_embedded():
-        from raychat.rendezvous import LoopbackTorchConfig
+    """The process group setup (raychat.rendezvous: an NCCL group bound to each worker's GPU): on the embedded
+    Ray every worker is on this machine, so the rendezvous listens on 127.0.0.1 only; on a cluster it is Ray
+    Train's, on rank 0's node."""
+    from raychat.rendezvous import DeviceTorchConfig, LoopbackTorchConfig
 
-        return LoopbackTorchConfig(timeout_s=timeout_s)
-    from ray.train.torch import TorchConfig
-
-    return TorchConfig(timeout_s=timeout_s)
+    return (LoopbackTorchConfig if is_embedded() else DeviceTorchConfig)(timeout_s=timeout_s)
 
 
 def _free_loopback_port() -> int:

@@ -15,7 +15,7 @@ import torch
 
 from raychat.attention import attention_path
 from raychat.checkpoint import check_compatible, load_nanochat_model, load_rank_state
-from raychat.common import any_rank, slot_range
+from raychat.common import slot_range
 from raychat.config import TrainConfig, derive
 from raychat.device import DeviceContext
 from raychat.faults import FaultInjector
@@ -162,6 +162,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     saver = CheckpointSaver(session, run_dir(cfg), orig_model, optimizer, streams, faults, device, log)
     profiler = start_profiler(dev.type, run_dir(cfg)) if cfg.profile and master else None
     core_metric, mfu, stopped_reason = None, 0.0, None
+    wait_s, wait_dt_s, wait_steps = 0.0, 0.0, 0  # data wait over this process's steps after step 10 (the report)
 
     while True:
         step = state.step
@@ -251,20 +252,26 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             if micro_step == 0:
                 faults.at(step, "kill")
         lrm = apply_schedules(optimizer, step, N, cfg, plan.weight_decay_scaled)
-        non_finite = any_rank(not finite.item(), device)
-        if non_finite and cfg.nan_policy == "stop":
-            stopped_reason = f"loss became non-finite at step {step}; the last checkpoint is intact"
-            log(f"ERROR: {stopped_reason}. Stopping (use --nan-policy skip to skip such steps).")
-            break
-        if non_finite:
+        non_finite = dev.any_rank(~finite)  # all-reduced on the device: nothing waits for it yet
+        # A non-finite update is never applied under skip, which must read the flag before the update (a host
+        # sync). Stop on CUDA reads it only at the loss's sync below, with the update queued: that update then
+        # reaches only the weights in memory, which the stopping run never saves (a checkpoint's copy is taken
+        # before it, in before_update). Elsewhere reading is free, and stop too skips the update.
+        skip = (cfg.nan_policy == "skip" or not dev.asynchronous) and bool(non_finite.item())
+        if skip and cfg.nan_policy == "skip":
             log(f"WARNING: non-finite loss at step {step}: update skipped (--nan-policy skip)")
-        else:
+        if not skip:
             saver.before_update()  # a checkpoint's copy of the weights must be taken before they change
             optimizer.step()
         model.zero_grad(set_to_none=True)
         train_loss_f = train_loss.item()
+        if cfg.nan_policy == "stop" and non_finite.item():
+            stopped_reason = f"loss became non-finite at step {step}; the last checkpoint is intact"
+            log(f"ERROR: {stopped_reason}. Stopping (use --nan-policy skip to skip such steps).")
+            break
         dev.synchronize()
         dt = time.time() - t0
+        data_wait = streams.take_data_wait()  # of dt, the time spent waiting for batches (a stall when large)
 
         # --- logging ---
         if math.isfinite(train_loss_f):
@@ -275,16 +282,17 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         mfu = 100 * flops_per_step / dt / (dev.peak_flops * world_size)
         if step > 10:
             state.total_training_time += dt  # steps 0-10 (compile warm-up) excluded, as the leaderboard counter
+            wait_s, wait_dt_s, wait_steps = wait_s + data_wait, wait_dt_s + dt, wait_steps + 1
         total_time = state.total_training_time
         eta = f" | eta: {(N - step) * total_time / (step - 10) / 60:.1f}m" if step > 10 else ""
         log(f"step {step:05d}/{N:05d} ({pct_done:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
             f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {streams.epoch} | "
-            f"total time: {total_time / 60:.2f}m{eta} | workers: {world_size}")
+            f"total time: {total_time / 60:.2f}m{eta} | workers: {world_size} | data wait: {data_wait * 1000:.1f}ms")
         state.history["train_loss"].append([step, debiased])
         if step % 100 == 0:
             wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_time,
                            "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                           "train/mfu": mfu, "train/epoch": streams.epoch})
+                           "train/mfu": mfu, "train/epoch": streams.epoch, "train/data_wait": data_wait})
 
         # --- GC: freeze and disable after the first step, collect every 5000 ---
         first_step = state.first_step_of_process
@@ -317,6 +325,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         "total_training_time": state.total_training_time, "total_training_flops": flops_per_step * state.step,
         "peak_memory_mib": peak_mem_mib, "attention": attention, "stopped": stopped_reason, "resizes": state.resizes,
         "setting_changes": state.setting_changes,
+        "data_wait": {"per_step_s": wait_s / wait_steps, "share": wait_s / wait_dt_s} if wait_steps else None,
     }
     if stopped_reason is not None:
         # A clean return (not an exception): Ray would retry an exception, and a NaN would come back.

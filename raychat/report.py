@@ -30,16 +30,24 @@ def _section(title: str, items: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(series: list, ylabel: str, path: str, title: str, mark_points: bool = False) -> bool:
+def _pyplot():
+    """matplotlib's pyplot, headless; None where matplotlib is not installed (a slim image): the report is then
+    written without its plots rather than failing at the end of a run."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot(plt, series: list, ylabel: str, path: str, title: str, mark_points: bool = False) -> bool:
     """A line plot of [(step, value), ...]; `mark_points` marks every point (evaluations are few and far
     apart: the line between two of them is no measurement)."""
     if not series:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps, values = zip(*series)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, values, marker="o" if mark_points or len(steps) < 30 else None)
@@ -86,6 +94,9 @@ def render_report(cfg, plan, summary: dict, history: dict, out_dir: str) -> str:
         "Total training time": f"{summary['total_training_time'] / 60:.2f}m",
         ("Peak memory usage" if on_gpu else "Peak memory usage (host RSS, rank 0)"):
             f"{summary['peak_memory_mib']:.2f}MiB",
+        # Training waiting for batches (rank 0, steps after 10): a stall shows here, not only as a lower MFU.
+        "Data wait per step": None if not (wait := summary.get("data_wait")) else
+            f"{wait['per_step_s'] * 1000:.2f}ms ({100 * wait['share']:.2f}% of step time)",
     }
     resizes = {f"step {r['step']}": f"{r['from']} -> {r['to']} workers"
                + ("" if r.get("lost_s") is None else f", {r['lost_s']:.1f}s since the checkpoint resumed from")
@@ -98,12 +109,16 @@ def render_report(cfg, plan, summary: dict, history: dict, out_dir: str) -> str:
           _section("Setup", setup), _section("Outcomes", outcomes),
           *([_section("Resizes (world size changes)", resizes)] if resizes else []),
           *([_section("Changed settings (--allow-changed)", changes)] if changes else []), _section("Environment", env)]
-    if _plot(history["train_loss"], "train loss (smoothed, debiased)", os.path.join(out_dir, "train_loss.png"),
-             f"{cfg.run_name}: train loss"):
-        md.append("![train loss](train_loss.png)\n")
-    if _plot(history["val_bpb"], "val bpb", os.path.join(out_dir, "val_bpb.png"), f"{cfg.run_name}: val bpb",
-             mark_points=True):
-        md.append("![val bpb](val_bpb.png)\n")
+    plt = _pyplot()
+    if plt is None:
+        md.append("Plots skipped: matplotlib is not installed (`pip install matplotlib`).\n")
+    else:
+        if _plot(plt, history["train_loss"], "train loss (smoothed, debiased)",
+                 os.path.join(out_dir, "train_loss.png"), f"{cfg.run_name}: train loss"):
+            md.append("![train loss](train_loss.png)\n")
+        if _plot(plt, history["val_bpb"], "val bpb", os.path.join(out_dir, "val_bpb.png"),
+                 f"{cfg.run_name}: val bpb", mark_points=True):
+            md.append("![val bpb](val_bpb.png)\n")
     text = "\n".join(md)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text)

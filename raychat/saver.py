@@ -7,10 +7,12 @@ storage error that a restart would meet again (a full or read-only disk) ends th
 """
 import copy
 import functools
+import math
 import os
 import tempfile
 import threading
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,37 @@ def _tensors(obj) -> list:
     return found
 
 
+_ALIGN = 512  # bytes from one staging buffer's start to the next's: aligned for every dtype and for fast copies
+
+
+def _host_buffers(specs: list, pinned: bool) -> list:
+    """Zero-filled host tensors of the (shape, dtype)s in `specs`, carved from one allocation (page-locked
+    when `pinned`). Each has a storage of its own over its part, so torch.save writes exactly its bytes, as
+    for a tensor allocated alone."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    offsets, total = [], 0
+    for nbytes in sizes:
+        offsets.append(total)
+        # An empty tensor gets a slot too: torch.save tells storages apart by where they start.
+        total += -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+    block = torch.zeros(total, dtype=torch.uint8)  # zero-filled, so its pages are mapped now, not during a copy
+    if pinned and total:
+        _page_lock(block)
+    storage = block.untyped_storage()
+    return [torch.empty(0, dtype=dtype).set_(storage[o:o + n], 0, shape)
+            for (shape, dtype), o, n in zip(specs, offsets, sizes)]
+
+
+def _page_lock(block: torch.Tensor) -> None:
+    """Page-lock `block`'s memory for CUDA's copies until its storage is freed (torch's own checkpoint stager
+    does the same). Not torch's pinned allocator: it rounds every allocation up to a power of two, so one
+    9.2 GB block would lock 16 GB."""
+    cudart, ptr = torch.cuda.cudart(), block.data_ptr()
+    torch.cuda.check_error(cudart.cudaHostRegister(ptr, block.nbytes, 1))  # 1: portable, for every CUDA context
+    unlock = weakref.finalize(block.untyped_storage(), cudart.cudaHostUnregister, ptr)  # the views keep it alive
+    unlock.atexit = False  # never after CUDA has shut down
+
+
 class BackgroundWriter:
     """Writes a checkpoint on a thread, so that the training loop does not wait for it.
 
@@ -63,7 +96,7 @@ class BackgroundWriter:
         self._staged = threading.Event()
         self._staged.set()
         self._error = None
-        self._buffers = []
+        self._buffers, self._layout = [], None
         self.timings = {}  # the last checkpoint's seconds from submit to staged and to written
         self.written_bytes = 0  # the last checkpoint's size on this rank
 
@@ -119,12 +152,12 @@ class BackgroundWriter:
         self._start(run)
 
     def _buffers_for(self, tensors: list) -> list:
-        """Host buffers for copies of `tensors`: the kept ones if they fit, else new ones (pinned for CUDA
-        tensors), zero-filled so that their pages are mapped now rather than during a copy."""
-        specs = [(t.shape, t.dtype, t.is_cuda) for t in tensors]
-        if [(b.shape, b.dtype, b.is_pinned()) for b in self._buffers] != specs:
-            self._buffers = []  # free the old ones first
-            self._buffers = [torch.zeros(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in specs]
+        """Host buffers for copies of `tensors`: the kept ones if they fit, else new ones carved from one
+        block of memory (page-locked for CUDA tensors)."""
+        layout = ([(t.shape, t.dtype) for t in tensors], any(t.is_cuda for t in tensors))
+        if layout != self._layout:
+            self._buffers, self._layout = [], None  # free the old ones first
+            self._buffers, self._layout = _host_buffers(*layout), layout
         return self._buffers
 
     def _start(self, work) -> None:
@@ -251,10 +284,10 @@ class CheckpointSaver:
         return None
 
     def _storage_failure(self, step: int, errno_: int, why: str | None) -> str:
-        """Every rank's writer is done: remove the step's partial directory and say what it needed. `why` is
-        this rank's own StorageError, if it had one."""
+        """Every rank's writer is done: remove the step's partial directory (on a storage that answers) and say
+        what went wrong. `why` is this rank's own StorageError, if it had one."""
         needed = all_reduce_value(self.writer.written_bytes, self.device, dist.ReduceOp.SUM)
-        if self.master:
+        if self.master and errno_ != UNREACHABLE:  # a store that kept failing would fail this too
             self.session.discard(step)
         if errno_ == UNREACHABLE:  # the storage kept failing through every retry (raychat.storage.with_retries)
             reason = (f"the checkpoint of step {step} could not be saved to {self.run_dir}: "

@@ -3,9 +3,10 @@
     python -m raychat.train --depth 4 ...                  # a local Ray started here (the embedded default)
     ray job submit --working-dir . -- python -m raychat.train --run-name d24-speedrun ...   # on a cluster
 
-The driver parses one TrainConfig, checks everything it can before any worker starts (flags, tokenizer,
-shards, batch divisibility, GPUs, a checkpoint it would resume), then hands the per-worker loop
-(raychat.loop) to a TorchTrainer. Rerunning with the same --run-name resumes the run.
+The driver parses one TrainConfig, checks everything it can before any worker starts (flags, buckets,
+tokenizer, shards, batch divisibility, GPUs, a checkpoint it would resume and the inputs it was trained on),
+holds the run's lease (raychat.lease: one driver per run), then hands the per-worker loop (raychat.loop) to
+a TorchTrainer. Rerunning with the same --run-name resumes the run.
 """
 import dataclasses
 import datetime
@@ -205,6 +206,7 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
     from ray.train.torch import TorchTrainer
 
     from raychat import local_ray
+    from raychat.device import process_env
     from raychat.inputs import fingerprint
     from raychat.loop import train_loop_per_worker
 
@@ -223,8 +225,8 @@ def build_trainer(cfg: TrainConfig, fit_id: str | None = None, run_config_extra:
         scaling_config = ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
     # Worker prints go straight to stdout (Train's print patch would echo every line twice here), and the
     # step line is the progress report: no Ray Data progress bars for the internal token streams.
-    env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
-               PYTORCH_ALLOC_CONF="expandable_segments:True")  # as the reference sets before importing torch
+    env.update(RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env.update(process_env(gpu_worker=use_gpu))  # the CUDA allocator's setting, one OpenMP thread per GPU worker
     tokenizer_files = read_tokenizer_files(cfg.tokenizer_dir)
     return TorchTrainer(
         train_loop_per_worker,
@@ -248,28 +250,27 @@ def main(argv=None) -> int:
 
     lease = None
     try:
-        cfg = parse_args(argv).resolve_paths()
-        if cfg.run_name is None:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            cfg = dataclasses.replace(cfg, run_name=f"{cfg.tag}-{stamp}")
-        if not cfg.dry_run:  # one driver per run, before anything reads the run's checkpoints
-            check_storage(cfg)
-            lease = Lease.acquire(run_dir(cfg), cfg.run_name)
-        plan = preflight(cfg)
-        if cfg.dry_run:  # the real launch's checks, all of them, and no cluster
-            _print_plan(cfg, plan)
-            print("Dry run: flags, tokenizer, shards, data slots and the checkpoint to resume are fine; "
-                  "nothing was started.")
-            return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if lease is not None:
-            lease.release()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+        try:
+            cfg = parse_args(argv).resolve_paths()
+            if cfg.run_name is None:
+                stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+                cfg = dataclasses.replace(cfg, run_name=f"{cfg.tag}-{stamp}")
+            if not cfg.dry_run:  # one driver per run, before anything reads the run's checkpoints
+                check_storage(cfg)
+                lease = Lease.acquire(run_dir(cfg), cfg.run_name)
+            plan = preflight(cfg)
+            if cfg.dry_run:  # the real launch's checks, all of them, and no cluster
+                _print_plan(cfg, plan)
+                print("Dry run: flags, tokenizer, shards, data slots and the checkpoint to resume are fine; "
+                      "nothing was started.")
+                return 0
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return run(cfg, plan)
     finally:
-        lease.release()
+        if lease is not None:
+            lease.release()
 
 
 def run(cfg: TrainConfig, plan) -> int:

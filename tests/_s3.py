@@ -7,18 +7,28 @@ Clients talk to it through `Proxy`, a TCP relay a test can take down and bring b
 memory, so stopping the server itself would lose them): `fail_on(pattern)` takes the endpoint down the moment
 a request containing `pattern` (an object key) arrives, as if the store went away in the middle of an upload.
 
+`s3_run` is the first run of tests/test_s3.py's end-to-end test, shared with tests/test_secrets.py (which
+greps its output, objects and Ray logs for the secret key): a Ray start is the dearest thing in these tests.
+
 Import the fixtures into a test module: `from tests._s3 import s3, s3_env  # noqa: F401`.
 """
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import types
 import urllib.request
+from unittest import mock
 
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BUCKET = "raychat-test"
 REGION = "us-east-1"
@@ -183,12 +193,23 @@ class S3Server:
         self.process.wait(timeout=10)
 
 
+# pytest makes a fixture imported into several test modules a separate fixture in each: what must exist once
+# per session (the server, the shared run) is kept here, in this module's one namespace.
+_ONCE = {}
+
+
+def _once(key, make):
+    if key not in _ONCE:
+        _ONCE[key] = make()
+    return _ONCE[key]
+
+
 @pytest.fixture(scope="session")
 def s3():
     """The session's S3 server; tests use their own prefixes in its bucket."""
-    server = S3Server()
-    yield server
-    server.close()
+    yield _once("server", S3Server)
+    if (server := _ONCE.pop("server", None)) is not None:
+        server.close()
 
 
 @pytest.fixture
@@ -200,3 +221,75 @@ def s3_env(s3, monkeypatch):
     s3.proxy.up()
     yield s3
     s3.proxy.up()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Drivers in their own processes, as a user starts them
+
+
+def _ray_processes(ray_tmp: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if ray_tmp.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def driver(args: list, env: dict, ray_tmp: str | None = None) -> tuple[int, str]:
+    """`python -m raychat.train ARGS` in a fresh process with `env` added: its own embedded Ray, whose workers
+    inherit that environment. Returns (exit code, output). Ray's session directory is `ray_tmp` if given (kept
+    for its logs), else a temporary one removed after."""
+    own = ray_tmp is None
+    ray_tmp = ray_tmp or tempfile.mkdtemp(prefix="rs3", dir="/tmp")  # short: Ray's socket paths have a limit
+    full = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=REPO, PYTHONUNBUFFERED="1", **env)
+    full.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run([sys.executable, "-m", "raychat.train", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=400, env=full)
+    finally:
+        deadline = time.monotonic() + 30  # the driver's Ray goes with it; stragglers of this run are killed
+        while _ray_processes(ray_tmp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _ray_processes(ray_tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if own:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="session")
+def s3_run(s3, shakespeare_path, tiny_tokenizer_dir):
+    """Shards prepared straight into the bucket (conftest's tiny_data_dir, written to s3://), the tokenizer
+    uploaded, then the tiny 2-worker run (conftest.tiny_args) with --keep-checkpoints 2 and rank 1 SIGKILLed
+    in step 10, everything in the bucket. A namespace: root (the URI of it all), tok, args (without the worker
+    and fault flags), env, code, out, ray_logs (the files of its Ray session's logs), ray_tmp."""
+    yield _once("run", lambda: _first_run(s3, shakespeare_path, tiny_tokenizer_dir))
+    if (run := _ONCE.pop("run", None)) is not None:
+        shutil.rmtree(run.ray_tmp, ignore_errors=True)
+
+
+def _first_run(s3, shakespeare_path, tiny_tokenizer_dir):
+    from conftest import tiny_args
+    from raychat.data.shards import prepare
+
+    root = f"s3://{BUCKET}/e2e"
+    env = dict(s3.env, RAYCHAT_STORAGE_TRIES="3", RAYCHAT_STORAGE_RETRY_S="0.5")
+    with mock.patch.dict(os.environ, env):
+        prepare(shakespeare_path, f"{root}/data", rows_per_group=64, shard_chars=200_000, val_fraction=0.1,
+                progress=False)
+    tok = s3.upload_dir(tiny_tokenizer_dir, "e2e/tokenizer")
+    args = tiny_args(f"{root}/data", tok, f"{root}/runs", "e2e", "--data-backend", "inline", "--keep-checkpoints", "2")
+    ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")
+    code, out = driver([*args, "--num-workers", "2", "--max-failures", "1", "--debug-fail-at-step", "10",
+                        "--debug-fail-kind", "kill", "--debug-fail-rank", "1"], env, ray_tmp)
+    logs = [os.path.join(d, f) for d, _, files in os.walk(ray_tmp) for f in files
+            if "/logs" in d and not os.path.islink(os.path.join(d, f))]
+    return types.SimpleNamespace(root=root, tok=tok, args=args, env=env, code=code, out=out, ray_logs=logs,
+                                 ray_tmp=ray_tmp)

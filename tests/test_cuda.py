@@ -160,3 +160,113 @@ def test_writer_stages_device_tensors_before_the_next_step(device, tmp_path):
     for k, v in expected.items():
         assert torch.equal(saved[k], v), k
         assert not torch.equal(saved[k], model.state_dict()[k].cpu()), f"{k} unchanged by the later step"
+
+
+def test_staging_buffers_are_one_block_and_write_the_same_files(device, tmp_path):
+    """The host copies of a checkpoint are carved from one allocation (on CUDA page-locked exactly, not taken
+    from torch's pinned allocator, which would round it up to a power of two), and the files written from
+    them are byte for byte those written from the live tensors."""
+    model = tiny_gpt(device)
+    opt = optim.MuonAdamW(model.optimizer_groups())
+    train_steps(model, opt, device, steps=1)
+    cuda = device == "cuda"
+    host_stats = getattr(torch.cuda, "host_memory_stats", lambda: {})  # torch's pinned allocator, where known
+    pinned_before = host_stats().get("allocated_bytes.current", 0) if cuda else 0
+    writer = BackgroundWriter()
+    writer.reserve(opt.state_dict(), model.state_dict())
+    writer.wait()
+    buffers = writer._buffers
+    starts = sorted(b.data_ptr() for b in buffers if b.numel())
+    span = starts[-1] + max(b.nbytes for b in buffers) - starts[0]
+    assert span < 2 * sum(b.nbytes for b in buffers) + 512 * len(buffers), "the buffers are not one block"
+    assert all(b.untyped_storage().nbytes() == b.nbytes for b in buffers)  # each a storage over its own part
+    assert all(b.is_pinned() == cuda for b in buffers)
+    if cuda:
+        assert host_stats().get("allocated_bytes.current", 0) == pinned_before
+    for name, copy in (("copied", True), ("live", False)):
+        writer.submit(str(tmp_path / name), 0, opt.state_dict(), {"pos": 1}, model_state=model.state_dict(),
+                      meta={"step": 1, "world_size": 1}, copy=copy)
+        writer.wait()
+    for f in (ckpt_files.MODEL_FILE, "optim_rank0.pt"):
+        assert (tmp_path / "copied" / f).read_bytes() == (tmp_path / "live" / f).read_bytes(), f
+
+
+@pytest.fixture
+def cuda_only(device):
+    if device != "cuda":
+        pytest.skip("the CPU side is in tests/test_device.py")
+    return device
+
+
+def test_checkpoint_written_off_the_gpu_resumes_and_evaluates_with_cuda_dtypes(cuda_only, tmp_path):
+    """A CPU run's checkpoint (fp32 everywhere) on CUDA: the embeddings become bf16 as init_weights makes them
+    there, in the loop's resume (weights and AdamW state) and in raychat.eval."""
+    from raychat.eval import load_model
+
+    cpu_model = tiny_gpt("cpu")
+    cpu_opt = optim.MuonAdamW(cpu_model.optimizer_groups())
+    train_steps(cpu_model, cpu_opt, "cpu", steps=1)
+    config = dict(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SL")
+    ckpt_files.save_rank_files(str(tmp_path), 0, cpu_opt.state_dict(), [], model_state=cpu_model.state_dict(),
+                               meta={"step": 1, "world_size": 1, "model_config": config})
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    model = tiny_gpt(cuda)
+    want = {n: p.dtype for n, p in model.named_parameters()}
+    assert want["transformer.wte.weight"] == torch.bfloat16
+    saved = ckpt_files.load_rank_state(str(tmp_path), 0, 1, cuda)
+    opt = optim.MuonAdamW(model.optimizer_groups())
+    model.load_state_dict(saved.model, strict=True)
+    opt.load_state_dict(saved.optimizer)
+    assert {n: p.dtype for n, p in model.named_parameters()} == want
+    assert opt.state[model.transformer.wte.weight]["exp_avg"].dtype == torch.bfloat16
+    train_steps(model, opt, cuda, steps=1)  # and it trains on
+    evaluated, _ = load_model("raychat", str(tmp_path), None, cuda)
+    assert {n: p.dtype for n, p in evaluated.named_parameters()} == want
+
+
+def test_cuda_device_context_enables_tf32(cuda_only):
+    from raychat.device import DeviceContext
+
+    dev = DeviceContext(torch.device("cuda", torch.cuda.current_device()))
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+    assert dev.asynchronous
+
+
+def test_nccl_group_is_bound_to_its_device(cuda_only, monkeypatch):
+    import socket
+
+    from raychat.device import DeviceContext, init_nccl_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    init_nccl_group(0, 1, 120, gpu)  # what raychat.rendezvous runs on each Ray Train worker (no Ray here)
+    try:
+        assert dist.get_backend() == "nccl"
+        assert dist.distributed_c10d._get_default_group().bound_device_id == gpu
+        flag = DeviceContext(gpu).any_rank(torch.tensor(True, device=gpu))
+        assert flag.device == gpu and flag.item() is True
+        dist.barrier()  # no "device unknown" warning path: the group knows its GPU
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nan_stop_on_cuda_reads_the_flag_after_the_update(cuda_only, tiny_data_dir, tiny_tokenizer_dir, storage,
+                                                          monkeypatch):
+    """The loop on the GPU (bf16 autocast, pinned batches and staging, uncompiled for time): a NaN at step 10
+    stops the run there, with no host read between the NaN flag and the update (tests/test_device.py runs
+    the same check on the CPU with the device faked asynchronous)."""
+    from conftest import tiny_config, train_local
+    from test_device import _reads_between_flag_and_update, _record_order
+
+    events = _record_order(monkeypatch)
+    cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "nan-cuda", "--device-type", "cuda",
+                      "--compile", "false", "--debug-fail-at-step", "10", "--debug-fail-kind", "nan")
+    summary, _ = train_local(cfg)
+    assert summary["stopped"].startswith("loss became non-finite at step 10") and summary["device_type"] == "cuda"
+    assert set(_reads_between_flag_and_update(events)) == {0}
+    run = ckpt_files.list_step_dirs(f"{storage}/nan-cuda")
+    assert [s for s, _ in run] == [4, 8] and all(ckpt_files.check_complete(p) is None for _, p in run)

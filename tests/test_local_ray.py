@@ -39,14 +39,12 @@ def test_a_ray_someone_else_started_is_a_cluster(no_ray):
 
 
 def test_torch_config_binds_loopback_only_on_the_embedded_ray(no_ray):
-    from ray.train.torch import TorchConfig
-
-    from raychat.rendezvous import LoopbackTorchConfig
+    from raychat.rendezvous import DeviceTorchConfig, LoopbackTorchConfig
 
     embedded = local_ray.torch_config(timeout_s=60)
     assert isinstance(embedded, LoopbackTorchConfig) and embedded.timeout_s == 60
     no_ray.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert type(local_ray.torch_config(timeout_s=60)) is TorchConfig
+    assert type(local_ray.torch_config(timeout_s=60)) is DeviceTorchConfig  # Ray Train's rendezvous
 
 
 def test_sessions_resolve_auto_values():

@@ -6,10 +6,6 @@ The end-to-end test shares two Ray Train runs between many checks (each run cost
 faults run the loop without Ray (raychat.session.LocalSession), which persists through the same code.
 """
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -17,9 +13,7 @@ import torch
 from conftest import STEPS, assert_same_run, load_step, tiny_args, tiny_config, train_local
 from raychat import checkpoint as ckpt_files
 from raychat import runs
-from tests._s3 import BUCKET, s3, s3_env  # noqa: F401
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests._s3 import BUCKET, driver, s3, s3_env, s3_run  # noqa: F401
 
 
 def _download_run(s3, prefix, dest):
@@ -40,47 +34,22 @@ def _flip_object(s3, key):
     s3.client().put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
 
 
-def _driver(args, env):
-    """`python -m raychat.train ARGS` in a fresh process with `env` added, as a user runs it: its own embedded
-    Ray (which every worker inherits the environment from). Returns (exit code, output)."""
-    from test_reliability import _reap_ray, _subprocess_env
-
-    ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")  # short: Ray's socket paths have a length limit
-    try:
-        done = subprocess.run([sys.executable, "-m", "raychat.train", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=400, env=dict(_subprocess_env(ray_tmp), **env))
-    finally:
-        _reap_ray(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    return done.returncode, done.stdout + done.stderr
-
-
 @pytest.mark.slow
-def test_a_run_on_s3_end_to_end(baseline, shakespeare_path, tiny_tokenizer_dir, s3_env, tmp_path):
+def test_a_run_on_s3_end_to_end(baseline, s3_run, s3_env, tmp_path):
     """Shards prepared straight into the bucket, the tokenizer uploaded; then, with nothing on local disk:
 
-    1. 2 workers, checkpoints every 4 steps, --keep-checkpoints 2, rank 1 SIGKILLed in step 10: Ray Train restarts
-       the group from the bucket's step 8; the run ends with steps 12 and 16 left in the bucket, bit-identical to
-       the uninterrupted local run, its lease gone.
+    1. (s3_run) 2 workers, checkpoints every 4 steps, --keep-checkpoints 2, rank 1 SIGKILLed in step 10: Ray
+       Train restarts the group from the bucket's step 8; the run ends with steps 12 and 16 left in the bucket,
+       bit-identical to the uninterrupted local run, its lease gone.
     2. step 16's model.pt damaged in the bucket: eval and export skip it (checksum) and read step 12.
     3. step 16 deleted (distrusted): the same command on 1 worker resumes from step 12 (resharded), with Ray
-       Train's checkpoint list repaired, and ends bit-identical again."""
-    from raychat.data.shards import prepare
+       Train's checkpoint list repaired, and ends with the same weights again."""
     from raychat.eval import main as eval_main
     from raychat.export import main as export_main
 
-    s3 = s3_env
-    root = f"s3://{BUCKET}/e2e"
-    prepare(shakespeare_path, f"{root}/data", rows_per_group=64, shard_chars=200_000, val_fraction=0.1,
-            progress=False)  # the conftest shards, written into the bucket
-    tok = s3.upload_dir(tiny_tokenizer_dir, "e2e/tokenizer")
-    args = tiny_args(f"{root}/data", tok, f"{root}/runs", "e2e", "--data-backend", "inline", "--keep-checkpoints", "2")
-    env = dict(s3.env, RAYCHAT_STORAGE_TRIES="3", RAYCHAT_STORAGE_RETRY_S="0.5")
-
-    code, out = _driver([*args, "--num-workers", "2", "--max-failures", "1", "--debug-fail-at-step", "10",
-                         "--debug-fail-kind", "kill", "--debug-fail-rank", "1"], env)
-    assert code == 0, out[-4000:]
-    assert "Injected failure: rank 1 dies (kill) at step 10" in out
+    s3, root, tok = s3_env, s3_run.root, s3_run.tok
+    assert s3_run.code == 0, s3_run.out[-4000:]
+    assert "Injected failure: rank 1 dies (kill) at step 10" in s3_run.out
     assert s3.keys("e2e/runs/e2e/.injected_failure_step10") and not s3.keys("e2e/runs/e2e/driver_lease.json")
     assert s3.steps("e2e/runs/e2e") == [12, 16]  # --keep-checkpoints 2 deleted steps 4 and 8 in the bucket
     assert_same_run(_download_run(s3, "e2e/runs/e2e", str(tmp_path / "first")), baseline)
@@ -97,7 +66,7 @@ def test_a_run_on_s3_end_to_end(baseline, shakespeare_path, tiny_tokenizer_dir, 
 
     s3.client().delete_objects(Bucket=BUCKET, Delete={"Objects": [
         {"Key": k} for k in s3.keys("e2e/runs/e2e/step_000016/")]})
-    code, out = _driver([*args, "--num-workers", "1"], env)
+    code, out = driver([*s3_run.args, "--num-workers", "1"], s3_run.env)
     assert code == 0, out[-4000:]
     assert "step_000016 no longer exist; dropped from Ray Train's checkpoint list" in out
     assert "Run e2e resumes from step 12" in out and "Resized from 2 to 1 workers at step 12" in out
@@ -151,13 +120,13 @@ def _steps_complete(run):
 
 def test_store_down_through_every_retry_stops_the_run_cleanly(local_baseline, tiny_data_dir, tiny_tokenizer_dir,
                                                                s3_env, monkeypatch, tmp_path):
-    """The endpoint goes away when the step-8 upload starts and stays away: the upload is tried twice
-    (RAYCHAT_STORAGE_TRIES=2), then the run stops with one reason naming the storage; step 4 is intact in the
-    bucket, and step 8 (whatever reached the bucket) is never taken for a checkpoint."""
+    """The endpoint goes away in the middle of the step-8 upload (at model.pt) and stays away: the upload is
+    tried twice (RAYCHAT_STORAGE_TRIES=2), then the run stops with one reason naming the storage; step 4 is intact
+    in the bucket, and the part of step 8 that reached it is never taken for a checkpoint."""
     s3 = s3_env
     monkeypatch.setenv("RAYCHAT_STORAGE_TRIES", "2")
     cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, f"s3://{BUCKET}/down/runs", "down")
-    fault = s3.proxy.fail_on(b"step_000008/")
+    fault = s3.proxy.fail_on(b"step_000008/model.pt")  # after data_rank0.json and meta.json reached the bucket
     summary, _ = train_local(cfg)
     assert fault.is_set() and not s3.proxy.is_up
     reason = summary["stopped"]
@@ -167,7 +136,8 @@ def test_store_down_through_every_retry_stops_the_run_cleanly(local_baseline, ti
     assert summary["step"] == 12  # steps 9-11 trained while step 8 was retried; the save at 12 waited and stopped
     s3.proxy.up()
     complete = _steps_complete(cfg.storage_path + "/down")
-    assert complete[4] is None and complete.get(8) is not None and set(complete) <= {4, 8}, complete
+    assert complete[4] is None and set(complete) == {4, 8}, complete
+    assert complete[8].endswith("done_rank0.json is missing or unreadable: rank 0 never finished writing"), complete
     with runs.resume_checkpoint(cfg, log=lambda m: None) as d:
         assert ckpt_files.read_meta(d)["step"] == 4
     assert_same_run(_download_run(s3, "down/runs/down", str(tmp_path / "down")), local_baseline, step=4)

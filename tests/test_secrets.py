@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from raychat import checkpoint as ckpt_files
+from tests._s3 import BUCKET, s3, s3_run  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,6 +84,26 @@ def test_no_secret_in_any_artefact_of_a_run(tiny_data_dir, tiny_tokenizer_dir, t
     # The run did log its configuration (so the check above had something to look at).
     meta = ckpt_files.read_meta(os.path.join(storage, "secrets", "step_000004"))
     assert meta["user_config"]["run"] == "secrets-check"
+
+
+@pytest.mark.slow
+def test_no_s3_secret_in_a_run_on_a_bucket(s3, s3_run):
+    """The run of tests/_s3.py `s3_run` (2 workers, one SIGKILLed and restarted, shards, tokenizer and
+    checkpoints on the S3 server) had the server's real secret key in the environment of its driver and,
+    inherited, of every worker: the key appears in no console line, in no object the run wrote to the bucket
+    (checkpoints, meta.json, report, Ray Train's checkpoint list, markers) and in no Ray session log."""
+    assert s3_run.code == 0, s3_run.out[-4000:]
+    keys = s3.keys("e2e/runs/e2e/")
+    assert {"model.pt", "meta.json", "report.md", "checkpoint_manager_snapshot.json"} <= \
+        {k.rsplit("/", 1)[-1] for k in keys}, keys
+    assert s3_run.ray_logs and any("worker" in os.path.basename(p) for p in s3_run.ray_logs), "no worker logs"
+    needle = s3.secret_key
+    leaks = ["console"] if needle in s3_run.out else []
+    leaks += [k for k in keys if needle.encode() in s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read()]
+    for path in s3_run.ray_logs:
+        with open(path, "rb") as f:
+            leaks += [path] if needle.encode() in f.read() else []
+    assert not leaks, f"the S3 secret key leaked into: {leaks}"
 
 
 def _malicious_checkpoint(directory, marker):

@@ -1,7 +1,10 @@
 """PackedStream / SlotDocuments / SlotStreams on real parquet shards and a real tokenizer; Ray Data against
 inline (the Ray tests are slow: each pipeline start costs seconds)."""
+import itertools
 import json
+import random
 import re
+import threading
 import time
 
 import numpy as np
@@ -10,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raychat.data import stream as stream_module
 from raychat.data.shards import ShardError
 from raychat.data.stream import PackedStream, SlotDocuments, SlotStreams, inspect_files, slot_schedule, val_stream
 from raychat.tokenizer import Tokenizer
@@ -165,6 +169,127 @@ def test_slot_streams_resume_at_the_batch_about_to_be_trained(corpus):
         assert_same(step_a, step_b)
     assert not torch.equal(before[-1][0][0], after[0][0][0])
     assert resumed.state_dict() == run.state_dict()
+
+
+# ---- the inline backend's read-ahead thread ------------------------------------------------------------
+
+def read_synchronously(self, first):
+    """The inline source without a thread: each row group read when the packer asks for it."""
+    for k in itertools.count(first):
+        yield (k, *self._read_inline(k))
+
+
+def test_read_ahead_gives_the_synchronous_batches_and_states(corpus, monkeypatch):
+    """Whatever the read-ahead depth and however the reads are timed, the batches and the state after each of
+    them equal reading each row group when it is needed; read-ahead row groups are not part of the state,
+    and a resume from any of those states continues exactly."""
+    files, tok_dir, _ = corpus
+
+    def run(n, **kwargs):
+        with PackedStream(files, tok_dir, slot=1, num_slots=2, backend="inline", **SMALL, **kwargs) as s:
+            batches, states = [], []
+            for _ in range(n):
+                batches.append(next(s))
+                states.append(json.loads(json.dumps(s.state_dict())))
+        return batches, states
+
+    with monkeypatch.context() as m:
+        m.setattr(SlotDocuments, "_inline_source", read_synchronously)
+        expected, expected_states = run(40)
+    assert expected_states[-1]["epoch"] > 1
+    tokenize = stream_module.tokenize_row_group
+    rng = random.Random(0)
+
+    def jittery(*args):  # the thread sometimes behind the packer, sometimes ahead
+        time.sleep(rng.choice([0, 0, 0.002, 0.01]))
+        return tokenize(*args)
+
+    monkeypatch.setattr(stream_module, "tokenize_row_group", jittery)
+    for prefetch in (1, 2, 3):
+        batches, states = run(40, prefetch=prefetch)
+        assert_same(batches, expected)
+        assert states == expected_states
+    resumed = PackedStream(files, tok_dir, slot=1, num_slots=2, state=expected_states[9], backend="inline",
+                           **SMALL)
+    assert_same(take(resumed, 5), expected[10:15])
+    resumed.close()
+
+
+def test_read_ahead_is_bounded_and_close_stops_the_thread(corpus, monkeypatch):
+    files, tok_dir, _ = corpus
+    read = []
+    tokenize = stream_module.tokenize_row_group
+    monkeypatch.setattr(stream_module, "tokenize_row_group", lambda tok, path, rg, *a: (read.append(rg), tokenize(
+        tok, path, rg, *a))[1])
+    docs = SlotDocuments(files, tok_dir, 0, 1, backend="inline", chunk_size=ROWS_PER_GROUP, prefetch=2)
+    assert docs._source is None  # the thread starts with the first read
+    docs.next_chunk()  # item 0, all of it: items 1 and 2 may be read ahead, no more
+    thread = docs._source.thread
+    deadline = time.time() + 10
+    while len(read) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(read) == 3, read
+    assert thread.is_alive() and thread.daemon
+    docs.close()
+    assert not thread.is_alive()
+    assert docs.position() == (1, 0)  # the read-ahead row groups are not consumed
+
+    # A stream dropped without close() stops its thread too: the thread holds no reference to it.
+    dropped = PackedStream(files, tok_dir, backend="inline", **SMALL)
+    next(dropped)
+    thread = dropped.docs._source.thread
+    del dropped
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_a_corrupt_row_group_fails_on_the_training_thread(corpus, tmp_path):
+    """A page damaged behind a valid footer is found only when its row group is read, by the read-ahead
+    thread: the error is raised by next() on the consumer's thread, again on every later call, with the
+    message naming the file and row group."""
+    _, tok_dir, _ = corpus
+    path = str(tmp_path / "damaged.parquet")
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(8)]}), path, row_group_size=4,
+                   compression="none")
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(open(path, "rb").read())
+    data[start:start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    open(path, "wb").write(bytes(data))
+    stream = PackedStream([path], tok_dir, 1, 16, backend="inline", buffer_size=2, chunk_size=2)
+    caller = threading.current_thread()
+    for _ in range(2):
+        with pytest.raises(ShardError, match="(?s)damaged.parquet: row group 1 cannot be read .*the file is corrupt"):
+            while True:  # row group 0 is fine: its batches come first
+                next(stream)
+                assert threading.current_thread() is caller
+    assert not stream.docs._source.thread.is_alive()
+    stream.close()
+
+
+def test_slot_streams_measure_the_data_wait(corpus, monkeypatch):
+    """take_data_wait(): the seconds the streams made the caller wait since the last call, then zero."""
+    files, tok_dir, _ = corpus
+    tokenize = stream_module.tokenize_row_group
+
+    def slow(*args):
+        time.sleep(0.05)
+        return tokenize(*args)
+
+    monkeypatch.setattr(stream_module, "tokenize_row_group", slow)
+    streams = SlotStreams(files, tok_dir, SMALL["B"], SMALL["T"], range(0, 1), 1, None, backend="inline",
+                          actors=1, to_device=lambda *t: t, prefetch=1, buffer_size=SMALL["buffer_size"],
+                          chunk_size=SMALL["chunk_size"])
+    assert streams.take_data_wait() == 0.0  # the first batch, fetched at construction, is start-up
+    waits = []
+    while streams.streams[0].docs.position()[0] < 8:
+        list(streams.step_batches())
+        waits.append(streams.take_data_wait())
+    assert streams.take_data_wait() == 0.0
+    # each new row group is read when the packer first needs it (prefetch 1): >= 5 waits of ~50 ms
+    assert sum(waits) >= 0.2 and sum(w > 0.02 for w in waits) >= 4, waits
+    streams.close()
 
 
 @pytest.mark.slow

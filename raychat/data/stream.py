@@ -24,7 +24,9 @@ Backends (identical batches; tests/test_stream.py checks it):
   resumable position (no `state_dict()`), so a restart would replay or skip data. Here
   the position is ours: an item index plus a document offset.
 - "inline": the same read+tokenize function in the calling process (no Ray): validation streams,
-  benchmarks, and running without a cluster.
+  benchmarks, and running without a cluster. One background thread per slot reads and tokenizes up to
+  `prefetch` row groups ahead of the one being packed (tiktoken releases the GIL while it encodes), so the
+  training thread waits only when tokenizing cannot keep up; its errors are raised on the training thread.
 
 Resume is exact. `state_dict()` (JSON-able, {"version": 1, ...}) holds the cursor (item, doc) of the next
 chunk and the packer's buffer as document references (item, doc index). Loading re-reads and re-tokenizes
@@ -36,6 +38,8 @@ row groups, dropping the buffer.
 import functools
 import itertools
 import os
+import queue
+import threading
 import time
 import warnings
 from typing import Iterator
@@ -52,10 +56,11 @@ DEFAULT_WINDOW = 1024  # row groups per Ray Data dataset; a new pipeline starts 
 LOOKAHEAD_BYTES = 256 * 1024**2  # tokenized row groups a Ray Data stream may hold ahead of its trainer
 # Ray Data's scheduling loop runs in the training worker's process and, once backpressure has stopped every
 # task (the look-ahead is full: most of the time), it spins without waiting, holding the GIL: measured at a
-# third of a CPU worker's CPU time at d4 (docs/LOG.md, ray#63544). A pause per loop step caps it at ~20 Hz (4% of a CPU); a
-# row group arriving up to this much later costs nothing, the stream being that far ahead of the trainer.
+# third of a CPU worker's CPU time at d4 (docs/LOG.md, ray#63544). A pause per loop step caps it at ~20 Hz (4% of
+# a CPU); a row group arriving up to this much later costs nothing, the stream being that far ahead of the trainer.
 SCHEDULER_PAUSE_S = 0.05
 BACKENDS = ("ray", "inline")
+CONVERT_DOCS = 32  # documents per list -> array copy in tokenize_row_group (~1 ms with the GIL held)
 
 
 # ---- files and schedule ------------------------------------------------------------------------------
@@ -98,8 +103,68 @@ def tokenize_row_group(tokenizer, path: str, row_group: int, bos_id: int, thread
     docs = tokenizer.encode(texts, prepend=bos_id, num_threads=threads) if texts else []
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int32, count=int(offsets[-1]))
+    tokens = np.empty(int(offsets[-1]), dtype=np.int32)
+    # A few documents per copy: one np.fromiter over a whole row group holds the GIL for ~30 ms per million
+    # tokens, a stall for a training thread running beside the inline backend's read-ahead thread.
+    for lo in range(0, len(docs), CONVERT_DOCS):
+        hi = min(lo + CONVERT_DOCS, len(docs))
+        tokens[offsets[lo]:offsets[hi]] = np.fromiter(itertools.chain.from_iterable(docs[lo:hi]), dtype=np.int32,
+                                                      count=int(offsets[hi] - offsets[lo]))
     return tokens, offsets
+
+
+class _ReadAhead:
+    """Items first, first + 1, ... as (item, tokens, offsets), read by `read(item)` on a daemon thread at most
+    `depth` items ahead of the consumer. An exception from `read` is raised by the next __next__ (the same
+    exception object, so the same type and message), and the thread stops there.
+
+    The thread holds no reference to this object, only to the queue, the slots and the stop flag: a stream
+    dropped without close() is collected, and __del__ stops the thread."""
+
+    def __init__(self, read, first: int, depth: int):
+        self._error = None
+        self._results = queue.SimpleQueue()
+        self._slots = threading.Semaphore(depth)  # one per item read and not yet consumed
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(read, first, self._results, self._slots, self._stop),
+                                       name="raychat-tokenize", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _run(read, first, results, slots, stop):
+        for k in itertools.count(first):
+            slots.acquire()
+            if stop.is_set():
+                return
+            try:
+                results.put((k, *read(k)))
+            except BaseException as e:  # handed to the consumer: the training thread reports it
+                results.put(e)
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._error is not None:  # the thread has stopped: raise its error again rather than wait forever
+            raise self._error
+        result = self._results.get()
+        if isinstance(result, BaseException):
+            self._error = result
+            raise result
+        self._slots.release()
+        return result
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread; it finishes the row group it is reading (if any) first, up to `timeout` seconds."""
+        self._stop.set()
+        self._slots.release()  # wakes a thread waiting for a free slot
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def __del__(self):
+        self._stop.set()
+        self._slots.release()
 
 
 # ---- the Ray Data actor --------------------------------------------------------------------------------
@@ -159,6 +224,8 @@ class SlotDocuments:
 
     next_chunk() returns up to `chunk_size` documents [((item, doc), tokens int32), ...] of one row group,
     in stream order; `epoch` is the epoch of the row group the last chunk came from (1 before any).
+    `prefetch` row groups are read ahead: by the inline backend's thread, or as Ray Data's prefetched batches.
+    Read-ahead row groups are not part of the position: a resume reads them again.
     """
 
     def __init__(self, files: list[str], tokenizer_dir: str, slot: int, num_slots: int, *,
@@ -225,18 +292,26 @@ class SlotDocuments:
             self._tokenizer = _as_tokenizer(self.tokenizer_dir)
         return self._tokenizer
 
+    def _reader(self):
+        """read(item) -> (tokens, offsets), referring to nothing of this object (the read-ahead thread runs it)."""
+        tok, schedule, files, threads = self.tokenizer(), self.schedule, self.files, self.tokenizer_threads
+        bos = tok.get_bos_token_id()
+
+        def read(item: int):
+            f, rg = schedule[item % len(schedule)]
+            return tokenize_row_group(tok, files[f], rg, bos, threads)
+
+        return read
+
     def _read_inline(self, item: int):
-        tok = self.tokenizer()
-        _, path, rg = self.locate(item)
-        return tokenize_row_group(tok, path, rg, tok.get_bos_token_id(), self.tokenizer_threads)
+        return self._reader()(item)
 
     def read_items(self, items) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Tokenize the given items in-process (used to rebuild a buffer on resume)."""
         return {k: self._read_inline(k) for k in sorted(set(items))}
 
     def _inline_source(self, first: int) -> Iterator:
-        for k in itertools.count(first):
-            yield (k, *self._read_inline(k))
+        return _ReadAhead(self._reader(), first, self.prefetch)
 
     def _ray_source(self, first: int) -> Iterator:
         import ray.data
@@ -301,7 +376,7 @@ class SlotDocuments:
         return [((self._item, d), tokens[offsets[d]:offsets[d + 1]]) for d in range(lo, hi)]
 
     def close(self) -> None:
-        """Stop the Ray Data pipeline (its actors) now rather than at garbage collection."""
+        """Stop the Ray Data pipeline (its actors) or the read-ahead thread now rather than at garbage collection."""
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -412,19 +487,34 @@ class SlotStreams:
 
     The next step's first batch is fetched ahead, while the accelerator still runs the last backward, so at a
     save point it is already out of its stream. `state_dict()` therefore returns slot 0's state from before
-    that fetch: a resume starts with exactly the batch this run was about to train on."""
+    that fetch: a resume starts with exactly the batch this run was about to train on.
+
+    `take_data_wait()` returns the seconds the streams took on the calling thread since the last call (the loop
+    calls it once per step): packing and the held state (~1 ms per step for B 32 x T 2048) while tokenizing keeps
+    ahead of training, plus the stall when it does not."""
 
     def __init__(self, files: list[str], tokenizer, B: int, T: int, slots: range, num_slots: int,
-                 states: list | None, backend: str, actors: int, to_device):
+                 states: list | None, backend: str, actors: int, to_device, **stream_kwargs):
         states = states if states is not None else [None] * len(slots)
         self.streams = [PackedStream(files, tokenizer, B, T, slot=slot, num_slots=num_slots, state=state,
-                                     backend=backend, actors=actors) for slot, state in zip(slots, states)]
+                                     backend=backend, actors=actors, **stream_kwargs)
+                        for slot, state in zip(slots, states)]
         self._to_device = to_device
         self._held_state = self.streams[0].state_dict()
+        self._data_wait = 0.0
         self._next = self._fetch(0)
+        self._data_wait = 0.0  # that first fetch is start-up, not a step's wait
 
     def _fetch(self, a: int):
-        return self._to_device(*next(self.streams[a]))
+        t0 = time.perf_counter()
+        x, y = next(self.streams[a])
+        self._data_wait += time.perf_counter() - t0
+        return self._to_device(x, y)
+
+    def take_data_wait(self) -> float:
+        """Seconds spent in the streams (next batches, held state) since the last call."""
+        wait, self._data_wait = self._data_wait, 0.0
+        return wait
 
     def step_batches(self):
         """The step's micro-batches (x, y), one per owned slot. Each next batch is fetched when the caller asks
@@ -434,7 +524,9 @@ class SlotStreams:
             nxt = (a + 1) % len(self.streams)
             yield batch
             if nxt == 0:
+                t0 = time.perf_counter()
                 self._held_state = self.streams[0].state_dict()
+                self._data_wait += time.perf_counter() - t0
             self._next = self._fetch(nxt)
 
     def state_dict(self) -> list:
