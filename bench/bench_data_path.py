@@ -17,7 +17,7 @@ them in order and wraps into further epochs, as a run does.
 Each (backend, pace) case builds a fresh raychat.data.stream.SlotStreams, as the loop does (its first batch,
 start-up, is not counted), then runs --steps steps and reads the data wait the loop reports per step
 (SlotStreams.take_data_wait: waiting for tokens, plus packing and the state kept for a save, which run on the
-training thread in both backends): mean, p99 and max, and the mean as a share of the step.
+training thread in both backends): mean, median, p99 and max, and the mean as a share of the step.
 The process is pinned to --cpus CPUs (what a GPU node gives one worker; Ray's own processes, started after
 pinning, share them too): inline tokenizes on its read-ahead thread with --cpus tiktoken threads; ray runs
 --cpus - 1 single-CPU tokenizer actors (the training process keeps one).
@@ -137,12 +137,13 @@ def main():
               f"{time.perf_counter() - t:.1f}s; one row group tokenizes in {t_tok:.2f}s on {cpus} thread(s)")
         if "ray" in args.backends.split(","):
             import ray
+            import ray.data  # configures its loggers: quieten them after
 
             ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-            logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset start/finish lines
+            logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset start/finish lines
         actors = max(1, cpus - 1)
-        print(f"{'backend':<8} {'pace':<5} {'step ms':>8} {'wait mean ms':>13} {'p99 ms':>8} {'max ms':>8} "
-              f"{'% of step':>10}")
+        print(f"{'backend':<8} {'pace':<5} {'step ms':>8} {'wait mean ms':>13} {'median':>7} {'p99 ms':>8} "
+              f"{'max ms':>8} {'% of step':>10}")
         for backend in args.backends.split(","):
             for name, pace in paces.items():
                 kwargs = dict(actors=1, tokenizer_threads=cpus) if backend == "inline" else dict(actors=actors)
@@ -159,7 +160,8 @@ def main():
                 mean_step = statistics.fmean(s for _, s in rows)
                 p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))]
                 label = backend if backend == "inline" else f"ray({actors})"
-                print(f"{label:<8} {name:<5} {mean_step * 1000:8.1f} {mean_wait * 1000:13.2f} {p99 * 1000:8.2f} "
+                print(f"{label:<8} {name:<5} {mean_step * 1000:8.1f} {mean_wait * 1000:13.2f} "
+                      f"{statistics.median(waits) * 1000:7.2f} {p99 * 1000:8.2f} "
                       f"{waits[-1] * 1000:8.2f} {100 * mean_wait / mean_step:9.2f}%", flush=True)
 
 
