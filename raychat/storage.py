@@ -8,7 +8,8 @@ Buckets are configured as the cloud SDKs configure them, through the environment
 touches them (the driver, and Ray's workers, which inherit it or get it from the job's runtime_env):
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role), AWS_DEFAULT_REGION, and
 AWS_ENDPOINT_URL for an S3-compatible store that is not AWS (pyarrow reads all of them); for gs://,
-GOOGLE_APPLICATION_CREDENTIALS or the node's service account (docs/CLUSTER.md, "Storage").
+GOOGLE_APPLICATION_CREDENTIALS or the node's service account (docs/CLUSTER.md, "Storage: buckets, credentials,
+one driver per run").
 """
 import contextlib
 import errno
