@@ -27,6 +27,7 @@ import urllib.request
 from unittest import mock
 
 import pytest
+from conftest import ray_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -227,18 +228,6 @@ def s3_env(s3, monkeypatch):
 # Drivers in their own processes, as a user starts them
 
 
-def _ray_processes(ray_tmp: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if ray_tmp.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def driver(args: list, env: dict, ray_tmp: str | None = None) -> tuple[int, str]:
     """`python -m raychat.train ARGS` in a fresh process with `env` added: its own embedded Ray, whose workers
     inherit that environment. Returns (exit code, output). Ray's session directory is `ray_tmp` if given (kept
@@ -252,9 +241,9 @@ def driver(args: list, env: dict, ray_tmp: str | None = None) -> tuple[int, str]
                               text=True, timeout=400, env=full)
     finally:
         deadline = time.monotonic() + 30  # the driver's Ray goes with it; stragglers of this run are killed
-        while _ray_processes(ray_tmp) and time.monotonic() < deadline:
+        while ray_processes(ray_tmp) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in _ray_processes(ray_tmp):
+        for pid in ray_processes(ray_tmp):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

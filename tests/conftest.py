@@ -232,3 +232,14 @@ def baseline(ray_local, tiny_data_dir, tiny_tokenizer_dir, storage):
     return os.path.join(storage, "baseline")
 
 
+def ray_processes(ray_tmp: str) -> list[int]:
+    """Pids whose command line names a Ray session directory (its raylet, GCS, workers and helpers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if ray_tmp.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found

@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from conftest import STEPS, assert_same_run, tiny_args
+from conftest import STEPS, assert_same_run, ray_processes, tiny_args
 from raychat import checkpoint as ckpt_files
 from raychat.train import main
 
@@ -115,19 +115,6 @@ def _subprocess_env(ray_tmp):
     return env
 
 
-def _ray_processes(ray_tmp):
-    """Pids whose command line names the session directory (Ray's raylet, GCS, workers and helpers)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if ray_tmp.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def _descendants(pid):
     """`pid` and every process below it (a local Ray's GCS, raylet and the worker processes they start)."""
     children = {}
@@ -151,10 +138,10 @@ def _reap_ray(ray_tmp, timeout=30):
     test, found by their session directory) after `timeout`. Returns how many had to be killed."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not _ray_processes(ray_tmp):
+        if not ray_processes(ray_tmp):
             return 0
         time.sleep(0.5)
-    left = _ray_processes(ray_tmp)
+    left = ray_processes(ray_tmp)
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)

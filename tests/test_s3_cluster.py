@@ -15,10 +15,10 @@ import uuid
 
 import pytest
 
-from conftest import _TEST_ENV, tiny_args
+from conftest import _TEST_ENV, ray_processes, tiny_args
 from raychat import checkpoint as ckpt_files
 from raychat import runs
-from tests._s3 import BUCKET, REPO, _ray_processes, s3, s3_env  # noqa: F401
+from tests._s3 import BUCKET, REPO, s3, s3_env  # noqa: F401
 from tests.test_multinode import HELPER, _wait_gone
 
 
@@ -55,7 +55,7 @@ def test_tune_sweep_and_two_node_run_on_s3(s3_env, tiny_data_dir, tiny_tokenizer
          "--set", "max_concurrent_trials=1", "--set", "scheduler={type: fifo}", "--set", "train.num_iterations=8",
          "--set", "train.save_every=4"],
         cwd=REPO, env={**env, "RAY_TMPDIR": ray_tmp}, capture_output=True, text=True, timeout=300)
-    assert _wait_gone(ray_tmp) == [], f"Ray processes outlived the sweep: {_ray_processes(ray_tmp)}"
+    assert _wait_gone(ray_tmp) == [], f"Ray processes outlived the sweep: {ray_processes(ray_tmp)}"
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert sweep.returncode == 0, sweep.stdout[-4000:] + sweep.stderr[-4000:]
     prefix = "cluster/sweeps/s3sweep"
