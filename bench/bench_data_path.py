@@ -16,8 +16,8 @@ them in order and wraps into further epochs, as a run does.
 
 Each (backend, pace) case builds a fresh raychat.data.stream.SlotStreams, as the loop does (its first batch,
 start-up, is not counted), then runs --steps steps and reads the data wait the loop reports per step
-(SlotStreams.take_data_wait: waiting for tokens, plus packing and the state kept for a save, which run on the
-training thread in both backends): mean, median, p99 and max, and the mean as a share of the step.
+(SlotStreams.take_data_wait: what the training thread waits for packed batches, which a background thread
+packs a step ahead): mean, median, p99 and max, and the mean as a share of the step.
 The process is pinned to --cpus CPUs (what a GPU node gives one worker; Ray's own processes, started after
 pinning, share them too): inline tokenizes on its read-ahead thread with --cpus tiktoken threads; ray runs
 --cpus - 1 single-CPU tokenizer actors (the training process keeps one).

@@ -3,7 +3,7 @@
 The loop (raychat/loop.py) talks to a session for a few things only: its rank and world size, its device,
 the run's `auto` settings resolved for this kind of run, the checkpoint to resume from, and persisting and
 reporting checkpoints. `RayTrainSession` is what a Ray Train worker uses; `LocalSession` runs the same loop in
-one process without Ray (benchmarks, debugging).
+one process without Ray (benchmarks, debugging); `TuneTrialSession` runs it inside a Tune trial's process.
 """
 import torch
 
@@ -114,3 +114,15 @@ class LocalSession(_Session):
 
     def report(self, metrics: dict, checkpoint_dir: str | None, step: int) -> None:
         self.reports.append(dict(metrics))
+
+
+class TuneTrialSession(LocalSession):
+    """The loop inside a Tune trial's own process (a one-CPU-worker trial needs no Ray Train job): each report
+    also goes to Tune. A NaN stop's report has no val_bpb, which Tune's metric check would turn into a trial
+    error: it reaches Tune as NaN (ASHA and the best-trial choice ignore NaN), and the table shows the stop."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None, step: int) -> None:
+        import ray.tune
+
+        super().report(metrics, checkpoint_dir, step)
+        ray.tune.report({"val_bpb": float("nan"), **metrics})

@@ -106,14 +106,28 @@ class Sweep:
         grid = math.prod(len(a) for d, a in self.search_space.values() if d == "grid")
         return self.num_samples * grid
 
+    @property
+    def in_process(self) -> bool:
+        """A trial of one CPU worker trains in the Tune trial's own process (raychat.tune.run_trial): no Train
+        controller and worker group to start. Larger trials drive a Ray Train job."""
+        return self.resources["workers"] == 1 and self.resources["gpus_per_worker"] == 0
+
     def per_trial_resources(self) -> dict:
         """Logical resources one trial holds: its Tune driver plus its Train workers (and Ray Data actors)."""
         res = self.resources
+        backend = self.train.get("data_backend", TrainConfig.data_backend)
+        actors = self.train.get("data_actors", TrainConfig.data_actors)  # 1 CPU each
+        if self.in_process:  # the trial's process is the worker, and there `auto` tokenizes inline
+            return {"CPU": res["cpus_per_worker"] + (actors if backend == "ray" else 0), "GPU": 0}
         cpus = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
         # `auto` may resolve to Ray Data in a trial (local_ray.resolve_auto): reserve its actors' CPUs too.
-        if self.train.get("data_backend", TrainConfig.data_backend) != "inline":
-            cpus += res["workers"] * self.train.get("data_actors", TrainConfig.data_actors)  # 1 CPU per actor
+        if backend != "inline":
+            cpus += res["workers"] * actors
         return {"CPU": cpus, "GPU": res["workers"] * res["gpus_per_worker"]}
+
+    def trial_process_resources(self) -> dict:
+        """What Tune reserves for a trial's own process: the worker it runs, or the driver of its Train job."""
+        return {"CPU": self.resources["cpus_per_worker"] if self.in_process else self.resources["driver_cpus"]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sweep":

@@ -4,11 +4,12 @@
     python -m raychat.tune tune_configs/d12_lr_wd.yaml             # run it (a local Ray, or RAY_ADDRESS's cluster)
     python -m raychat.tune tune_configs/d12_lr_wd.yaml --resume    # continue an interrupted sweep
 
-Each trial is a Tune function trainable (`train_trial`) that runs raychat's own Train job: the sweep's base
-flags plus the trial's sampled values become one TrainConfig, and `raychat.train.build_trainer(...).fit()`
-runs it as the Train run `<sweep>-<trial id>` under `<sweep dir>/runs/`. A retried or resumed trial reruns
-its driver under the same name, so Train resumes it from its newest checkpoint. Rank 0's
-reports reach Tune through TuneReportCallback; ASHA stops trials on `val_bpb` with `step` as its clock.
+Each trial is a Tune function trainable (`train_trial`) that runs raychat's own training: the sweep's base
+flags plus the trial's sampled values become one TrainConfig, run as `<sweep>-<trial id>` under
+`<sweep dir>/runs/`. A trial of one CPU worker runs the training loop in its own process (`TuneTrialSession`);
+a larger one drives a Ray Train job (`raychat.train.build_trainer(...).fit()`), whose rank 0 reports reach
+Tune through TuneReportCallback. A retried or resumed trial reruns under the same name, so it continues from
+its newest checkpoint. ASHA stops trials on `val_bpb` with `step` as its clock.
 
 When the sweep ends, its directory holds results.md (the table), results.csv, plots/val_bpb_vs_<flag>.png,
 best_command.txt (the `python -m raychat.train ...` line reproducing the best trial) and trial_log.jsonl
@@ -57,24 +58,36 @@ def _report_callback():
 
 
 def train_trial(config: dict, sweep: dict) -> None:
-    """The Tune trainable: one trial = one Train run named `<sweep>-<trial id>`.
+    """The Tune trainable: one trial = one training run named `<sweep>-<trial id>`.
 
     `config` holds the sampled flags; `sweep` is `Sweep.to_dict()` (bound with tune.with_parameters). Only
     ray.tune APIs are used here: ray.train calls raise in a Tune driver.
     """
     import ray.tune
 
+    s = Sweep.from_dict(sweep)
+    cfg = s.trial_config(dict(config), ray.tune.get_context().get_trial_id())
+    cfg.validate()
+    run_trial(cfg, s.in_process)
+
+
+def run_trial(cfg: TrainConfig, in_process: bool) -> None:
+    """Train `cfg` from inside a Tune trial: in the trial's own process (one CPU worker: no Train controller and
+    worker to start, most of a small trial's time), or as a Ray Train job the trial drives. Either way a
+    failure ends the trial, and Tune's retry (max_failures) reruns it under the same run name, which continues
+    from the run's newest checkpoint."""
+    if in_process:
+        from raychat.loop import train
+        from raychat.session import TuneTrialSession
+
+        train(cfg, TuneTrialSession(cfg))
+        return
     from raychat import local_ray
     from raychat.common import available_cpus
     from raychat.train import build_trainer
 
-    s = Sweep.from_dict(sweep)
-    cfg = s.trial_config(dict(config), ray.tune.get_context().get_trial_id())
-    cfg.validate()
     # The trial is the Train run's driver: it resolves `auto` as `python -m raychat.train` would on this Ray.
     cfg = local_ray.resolve_auto(cfg, local=local_ray.is_embedded(), cpus=available_cpus())
-    # A failure surfaces as TrainingFailedError; Tune then retries the trial (max_failures) under the same run
-    # name, so the retry continues from the run's newest checkpoint.
     build_trainer(cfg, run_config_extra={"callbacks": [_report_callback()]}).fit()
 
 
@@ -165,7 +178,7 @@ def build_tuner(sweep: Sweep, max_t: int, resume: bool):
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(train_trial, sweep=sweep.to_dict()),
-                                    {"CPU": sweep.resources["driver_cpus"]})
+                                    sweep.trial_process_resources())
     if resume:
         return tune.Tuner.restore(sweep.sweep_dir, trainable=trainable, resume_errored=True)
     return tune.Tuner(
@@ -401,7 +414,9 @@ def describe(sweep: Sweep, plan) -> str:
     lines = [f"Sweep {sweep.name}: {sweep.num_trials()} trial(s), search {sweep.search_alg} (seed {sweep.seed}), "
              f"scheduler {sweep.scheduler}",
              f"  directory: {sweep.sweep_dir} (trial runs in {sweep.runs_dir})",
-             f"  per trial: {sweep.resources['workers']} worker(s), {res['CPU']:g} CPU(s), {res['GPU']:g} GPU(s); "
+             f"  per trial: {sweep.resources['workers']} worker(s) "
+             f"({'in the trial process' if sweep.in_process else 'a Ray Train job'}), {res['CPU']:g} CPU(s), "
+             f"{res['GPU']:g} GPU(s); "
              f"max concurrent trials: {sweep.max_concurrent_trials or 'as many as fit'}; "
              f"retries per trial: {sweep.max_failures}",
              f"  steps per trial: {plan.num_iterations} (base flags; searched flags may change it)",

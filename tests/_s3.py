@@ -282,3 +282,17 @@ def _first_run(s3, shakespeare_path, tiny_tokenizer_dir):
             if "/logs" in d and not os.path.islink(os.path.join(d, f))]
     return types.SimpleNamespace(root=root, tok=tok, args=args, env=env, code=code, out=out, ray_logs=logs,
                                  ray_tmp=ray_tmp)
+
+
+def complete_checkpoint(run_dir: str, world_size: int) -> int:
+    """The step of the newest complete checkpoint of a run in the bucket, checked for `world_size` ranks (each
+    rank wrote its own optimizer shard)."""
+    from raychat import checkpoint as ckpt_files
+    from raychat import runs
+
+    with runs.find_checkpoint(run_dir, log=lambda m: None) as found:
+        assert ckpt_files.check_complete(found.local_dir) is None
+        assert ckpt_files.read_meta(found.local_dir)["world_size"] == world_size
+        for rank in range(world_size):
+            assert os.path.exists(os.path.join(found.local_dir, f"optim_rank{rank}.pt"))
+        return found.step

@@ -1,4 +1,5 @@
-"""A two-node Ray cluster on 127.0.0.1 for tests/test_multinode.py, run as its own process.
+"""A two-node Ray cluster on 127.0.0.1 for tests/test_multinode.py, run as its own process, and
+`submit_job`, which starts it, submits one training job with the real `ray job submit` and reports.
 
     python tests/_two_node_cluster.py [--cpus-per-node 1] [--dry-run]
 
@@ -18,11 +19,16 @@ Protocol (one line of JSON each way, so the test never parses logs):
 The environment (RAY_TMPDIR, RAY_AUTH_MODE, ...) comes from the caller; nothing else is read.
 """
 import argparse
+import dataclasses
 import json
+import os
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -88,6 +94,81 @@ def report(url: str, submission_id: str) -> dict:
         "workers": [{"node_id": a.node_id, "state": a.state, "pid": a.pid} for a in actors],
         "nodes": sorted(n.node_id for n in nodes),
     }
+
+
+def wait_gone(ray_tmpdir: str, timeout_s: float = 60.0) -> list[int]:
+    """Ray's worker processes exit on their own once their raylet is gone, which takes seconds on a loaded
+    machine: poll rather than check once. Returns the pids still running."""
+    from conftest import ray_processes
+
+    deadline = time.monotonic() + timeout_s
+    while (left := ray_processes(ray_tmpdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _raylets(ray_tmpdir: str) -> list[int]:
+    from conftest import ray_processes
+
+    def program(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return os.path.basename(f.read().split(b"\0")[0].decode())
+        except OSError:
+            return ""
+
+    return [pid for pid in ray_processes(ray_tmpdir) if program(pid) == "raylet"]
+
+
+@dataclasses.dataclass
+class Job:
+    ready: dict  # the helper's first line: dashboard, gcs, node ids
+    raylets: list  # the pids of the cluster's raylets, seen once it was up
+    submit: subprocess.CompletedProcess  # `ray job submit` (it waits for the job and prints its output)
+    report: dict  # the helper's report: job status, Ray Train workers with their nodes
+    leftovers: list  # pids of Ray processes still running a minute after the cluster was shut down
+
+    @property
+    def log(self) -> str:
+        return self.submit.stdout[-6000:] + self.submit.stderr[-3000:]
+
+
+def submit_job(env: dict, train_args: list, submission_id: str, job_env_vars: dict, log_path) -> Job:
+    """Start the two-node cluster (in a helper process, with `env`, whose RAY_TMPDIR must be private and short),
+    run `ray job submit --working-dir . -- python -m raychat.train *train_args` on it as a user would, collect
+    the report and shut the cluster down. The job's processes get `job_env_vars`."""
+    bindir = os.path.dirname(sys.executable)
+    # The job's entrypoint `python` is resolved by the head node's shell: make it this venv's python.
+    env = {**env, "PATH": bindir + os.pathsep + env.get("PATH", "")}
+    env.pop("RAY_ADDRESS", None)  # the helper starts a cluster; it must not attach to another one
+    # The helper's stderr (Ray's own logging) goes to a file: a pipe nobody drains could fill and stall it.
+    with open(log_path, "w") as helper_log:
+        helper = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--cpus-per-node", "1"], cwd=REPO,
+                                  env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=helper_log)
+        try:
+            ready_line = helper.stdout.readline()
+            assert ready_line, f"the cluster helper exited early:\n{open(log_path).read()[-4000:]}"
+            ready = json.loads(ready_line)
+            raylets = _raylets(env["RAY_TMPDIR"])
+            submit = subprocess.run(
+                [os.path.join(bindir, "ray"), "job", "submit", "--address", ready["dashboard"], "--submission-id",
+                 submission_id, "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": job_env_vars}),
+                 "--", "python", "-m", "raychat.train", *train_args],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+            assert submit.returncode == 0, f"`ray job submit` failed:\n{submit.stdout[-6000:]}{submit.stderr[-3000:]}"
+            helper.stdin.write(submission_id + "\n")
+            helper.stdin.flush()
+            report_line = json.loads(helper.stdout.readline())
+        finally:
+            if helper.poll() is None:
+                helper.stdin.close()  # EOF: the helper shuts the cluster down in its finally
+                try:
+                    helper.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    helper.kill()
+                    helper.wait()
+    assert helper.returncode == 0, f"the cluster helper failed:\n{open(log_path).read()[-4000:]}"
+    return Job(ready, raylets, submit, report_line, wait_gone(env["RAY_TMPDIR"]))
 
 
 def main() -> int:

@@ -349,8 +349,12 @@ if wait(lambda: complete(2), "no 2-worker checkpoint"):
         cluster.add_node(num_cpus=1)
         print("NODE ADDED", f"at {time.time() - t0:.1f}s", flush=True)
         shrunk = max(complete(1))
-        wait(lambda: complete(2, after=shrunk), "the run never grew back to 2 workers")
-        print("TWO WORKERS again", complete(2, after=shrunk), f"at {time.time() - t0:.1f}s", flush=True)
+        if wait(lambda: complete(2, after=shrunk), "the run never grew back to 2 workers"):
+            print("TWO WORKERS again", complete(2, after=shrunk), f"at {time.time() - t0:.1f}s", flush=True)
+            # What was to be shown has happened: end here rather than train the remaining steps.
+            ray.shutdown()
+            cluster.shutdown()
+            os._exit(0)
 trainer.join()
 print("RC", result.get("rc"), f"at {time.time() - t0:.1f}s", flush=True)
 ray.shutdown()
@@ -386,8 +390,9 @@ def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_l
     """Head (0 CPUs) + two 1-CPU nodes, `--num-workers 1:2`. After the first 2-worker checkpoint the second node
     dies: Ray Train restarts the group with the 1 worker that fits (the failure counts against --max-failures),
     which resumes the newest checkpoint resharded; when a node joins, the resize check (RAYCHAT_RESIZE_CHECK_S,
-    1 s here) restarts it with 2 workers, again from the newest checkpoint. Every checkpoint's slot states
-    equal those of streams that never changed size: the run read exactly the uninterrupted run's batches."""
+    1 s here) restarts it with 2 workers, again from the newest checkpoint; once that group has saved, the test
+    ends the run. Every checkpoint's slot states equal those of streams that never changed size: the run read
+    exactly the uninterrupted run's batches."""
     import subprocess
     import sys
     import tempfile
@@ -406,15 +411,15 @@ def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_l
     log = out.stdout + out.stderr
     (tmp_path / "elastic_cluster.log").write_text(log)
     print("\n".join(line for line in out.stdout.splitlines() if line.startswith(("NODE", "ONE", "TWO", "RC"))))
-    assert out.returncode == 0 and "RC 0" in out.stdout, log[-4000:]
+    assert out.returncode == 0, log[-4000:]
     for needed in ("NODE REMOVED", "ONE WORKER", "NODE ADDED", "TWO WORKERS again"):
         assert needed in out.stdout, f"{needed!r} never happened:\n{log[-4000:]}"
     run = os.path.join(storage, "rayelastic")
-    state, meta = load_step(run, steps)
+    saved = [(s, p) for s, p in ckpt_files.list_step_dirs(run) if ckpt_files.check_complete(p) is None]
+    state, meta = load_step(run, saved[-1][0])
     changes = [(r["from"], r["to"]) for r in meta["resizes"]]
     assert changes[:1] == [(2, 1)] and changes[-1] == (1, 2), meta["resizes"]
     print("resizes:", meta["resizes"])
-    saved = ckpt_files.list_step_dirs(run)
     sizes = [ckpt_files.read_meta(p)["world_size"] for _, p in saved]
     assert 1 in sizes and sizes[0] == 2 and sizes[-1] == 2, sizes
     expected = _expected_slot_states(tiny_data_dir, tiny_tokenizer_dir, 2, [s for s, _ in saved])

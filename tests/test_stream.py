@@ -292,6 +292,36 @@ def test_slot_streams_measure_the_data_wait(corpus, monkeypatch):
     streams.close()
 
 
+def test_slot_streams_pack_on_a_thread_that_reports_errors_and_ends_with_close(corpus, monkeypatch):
+    """Batches are packed a step ahead on a background thread: an error there (a corrupt row group) is raised
+    on the caller's thread with its own message, and close() ends the thread."""
+    files, tok_dir, _ = corpus
+    tokenize, calls = stream_module.tokenize_row_group, []
+
+    def failing(tokenizer, path, row_group, *args):
+        calls.append(row_group)
+        if len(calls) > 3:
+            raise stream_module.shards.ShardError(f"{path}: row group {row_group} is corrupt")
+        return tokenize(tokenizer, path, row_group, *args)
+
+    def streams():
+        return SlotStreams(files, tok_dir, SMALL["B"], SMALL["T"], range(0, 2), 2, None, backend="inline",
+                           actors=1, to_device=lambda *t: t, buffer_size=SMALL["buffer_size"],
+                           chunk_size=SMALL["chunk_size"])
+
+    run = streams()
+    list(run.step_batches())
+    assert run._ahead.thread.is_alive()
+    run.close()
+    assert not run._ahead.thread.is_alive()
+
+    monkeypatch.setattr(stream_module, "tokenize_row_group", failing)
+    with pytest.raises(stream_module.shards.ShardError, match="is corrupt"):
+        broken = streams()
+        for _ in range(50):
+            list(broken.step_batches())
+
+
 @pytest.mark.slow
 def test_ray_data_backend_matches_inline_and_resumes(corpus, ray_local, monkeypatch):
     """2 actors, windows of 6 row groups so the epoch boundary (item 7) falls inside the second window, then a

@@ -91,7 +91,12 @@ def test_good_file_resolves(tmp_path):
     assert (cfg.run_name, cfg.storage_path, cfg.matrix_lr, cfg.depth) == (
         "sweep-abc_00001", sweep.runs_dir, 0.01, 2)
     assert cfg.use_gpu == "false" and cfg.num_workers == 1
-    assert sweep.per_trial_resources() == {"CPU": 3.0, "GPU": 0}  # driver + worker + the Ray Data actor
+    # One CPU worker: the trial's own process trains, tokenizing inline (`auto` without a Train job).
+    assert sweep.in_process and sweep.per_trial_resources() == {"CPU": 1.0, "GPU": 0}
+    assert sweep.trial_process_resources() == {"CPU": 1.0}
+    two = load_sweep(write(tmp_path, GOOD.replace("scheduler:", "resources: {workers: 2}\nscheduler:")))
+    assert not two.in_process and two.per_trial_resources() == {"CPU": 5.0, "GPU": 0}  # driver + 2 x (worker + actor)
+    assert two.trial_process_resources() == {"CPU": 1.0}  # the Train job's driver
 
 
 def test_plan_and_cluster_checks(tmp_path):
