@@ -107,8 +107,8 @@ class TrainConfig:
                                 "x T 256 and up: the first run compiles for ~100 s, later runs read the inductor cache "
                                 "in seconds)")
     ortho_dtype: str = flag("auto", "auto|bf16|fp32: dtype of Muon's Polar Express (auto = the reference's bf16 where "
-                                    "bf16 matmuls are native: CUDA, CPUs with avx512_bf16/AMX/ARM bf16; fp32 where "
-                                    "they are emulated)")
+                                    "its kernels are compiled and bf16 matmuls are native: CUDA, CPUs with "
+                                    "avx512_bf16/AMX/ARM bf16; fp32 otherwise, closer to the reference than eager bf16)")
     allow_changed: str = flag("", "on resume, settings that may differ from the run's (e.g. matrix_lr,num_iterations), "
                                   "or the inputs data (the shards) and tokenizer; any other changed training setting "
                                   "or input is refused. A setting's change and its step go into the run's history")
@@ -131,6 +131,12 @@ class TrainConfig:
 
         for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size"):
             need(getattr(self, name) > 0, name, "must be a positive integer")
+        from raychat.model import VE_GATE_CHANNELS  # the narrowest width the model supports
+
+        need(self.model_dim >= VE_GATE_CHANNELS, "aspect_ratio",
+             f"model_dim = --depth {self.depth} x --aspect-ratio {self.aspect_ratio}, rounded up to a multiple of "
+             f"--head-dim {self.head_dim}, is {self.model_dim}: below the {VE_GATE_CHANNELS} channels the "
+             "value-embedding gate reads; raise --aspect-ratio or --depth (or --head-dim)")
         need(self.window_pattern != "" and set(self.window_pattern.upper()) <= {"S", "L"}, "window_pattern",
              "may contain only the letters S (half-context window) and L (full context)")
         need(self.num_iterations > 0 or self.target_flops > 0 or self.target_param_data_ratio > 0,
@@ -188,6 +194,11 @@ class TrainConfig:
     def allowed_changes(self) -> list[str]:
         """--allow-changed as setting names (dashes or underscores, commas between)."""
         return [n.strip().lstrip("-").replace("-", "_") for n in self.allow_changed.split(",") if n.strip()]
+
+    @property
+    def model_dim(self) -> int:
+        """depth x aspect_ratio rounded UP to a multiple of head_dim, so that head_dim stays exact."""
+        return math.ceil(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim
 
     @property
     def tag(self) -> str:
@@ -350,7 +361,7 @@ def derive(cfg: TrainConfig, vocab_size: int, world_size: int) -> Plan:
 
     lines = []
     base_dim = cfg.depth * cfg.aspect_ratio
-    model_dim = math.ceil(base_dim / cfg.head_dim) * cfg.head_dim  # width rounded UP: head_dim stays exact
+    model_dim = cfg.model_dim
     num_heads = model_dim // cfg.head_dim
     lines += [f"num_layers: {cfg.depth}",
               f"model_dim: {model_dim} (base: {base_dim}, nudge: {model_dim - base_dim:+d})",

@@ -377,17 +377,22 @@ def parse_sweep(data, path: str, text: str = "", overrides: dict | None = None) 
     return sweep
 
 
-def load_sweep(path: str, overrides: dict | None = None) -> Sweep:
-    """Read and validate a sweep file; raises SweepConfigError naming the line and key at fault."""
+def read_yaml(path: str, what: str = "sweep file") -> tuple:
+    """(parsed data, text) of a YAML file; SweepConfigError naming the file when it cannot be read or parsed."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise SweepConfigError(f"{path}: cannot read the sweep file: {e}") from e
+        raise SweepConfigError(f"{path}: cannot read the {what}: {e}") from e
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text), text
     except yaml.YAMLError as e:
         raise SweepConfigError(f"{path}: not valid YAML: {e}") from e
+
+
+def load_sweep(path: str, overrides: dict | None = None) -> Sweep:
+    """Read and validate a sweep file; raises SweepConfigError naming the line and key at fault."""
+    data, text = read_yaml(path)
     return parse_sweep(data, path, text, overrides)
 
 
