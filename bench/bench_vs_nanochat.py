@@ -12,7 +12,7 @@ install torch==2.13.0 tiktoken rustbpe pyarrow numpy wandb requests filelock psu
 Each run is a fresh process with the flags a user would type: nanochat `python -m scripts.base_train
 --device-type=cpu --run=dummy ...` from its root, raychat `python -m raychat.train --num-workers 1 ...` (its
 defaults: an embedded local Ray, --cpus-per-worker auto, --compile auto, Ray Data tokenization). Config as
-issue 13: head-dim 64, window L, T 256, B 8, total batch 2048, vocab 4096 (tinyshakespeare's tokenizer, from
+issue 13: head-dim 64, window L (--window-pattern), T 256, B 8, total batch 2048, vocab 4096 (tinyshakespeare's tokenizer, from
 bench_train's data preparation), no eval/CORE/samples, a checkpoint only at the end. Per depth the two run
 interleaved (A B A B); printed per run and as raychat/nanochat ratios:
 - tok/s: total batch / median dt of steps 11..N-1, from the step lines both print;
@@ -140,7 +140,8 @@ def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str 
 
 
 def model_flags(a, depth: int, total_batch: int, steps: int) -> list[str]:
-    return ["--depth", str(depth), "--head-dim", "64", "--window-pattern", "L", "--max-seq-len", str(a.max_seq_len),
+    return ["--depth", str(depth), "--head-dim", "64", "--window-pattern", a.window_pattern,
+            "--max-seq-len", str(a.max_seq_len),
             "--device-batch-size", str(a.device_batch_size), "--total-batch-size", str(total_batch),
             "--num-iterations", str(steps), "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1"]
 
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", action="store_true", help="also raychat 2 workers x 1 CPU vs 1 worker x 2 CPUs")
     p.add_argument("--local", action="store_true", help="also raychat's loop without Ray (splits loop from Ray cost)")
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--window-pattern", default="L", help="L (issue 13's config) or the reference's default SSSL, "
+                   "where sliding-window layers meet each side's attention path (see --max-seq-len 2048)")
     p.add_argument("--device-batch-size", type=int, default=8)
     p.add_argument("--total-batch-size", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=4096)

@@ -123,10 +123,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         model = torch.compile(model, dynamic=False)
     optimizer = build_optimizer(orig_model, cfg, plan, world_size, compile_kernels=compile_)
     if dev.type == "cpu":
-        from raychat.optim import default_ortho_dtype
-
         log(f"CPU: {torch.get_num_threads()} thread(s) | compile: {compile_} | Muon orthogonalisation: "
-            f"{str(optimizer.ortho_dtype or default_ortho_dtype(device)).removeprefix('torch.')}")
+            f"{str(optimizer.ortho_dtype_for(device)).removeprefix('torch.')}")
 
     # --- resume (a retry of this fit, --resume-from-step, or the run's newest checkpoint: runs.resume_checkpoint)
     # in this world size's layout, or start from a nanochat checkpoint ---

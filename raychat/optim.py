@@ -13,11 +13,12 @@ Hyperparameters reach the kernels as 0-d fp32 CPU tensors, so changing lr/moment
 not recompile them. The kernels are `torch.compile(dynamic=False, fullgraph=True)` like the reference where
 the caller asks (`compile_kernels`; the training loop's --compile) and by default on CUDA (COMPILE_KERNELS).
 
-Precision. The reference runs Polar Express in bf16 and then casts beta2, lr and wd to the
-result's dtype (bf16(0.95) = 0.94921875). `ortho_dtype=None` reproduces that on CUDA and on CPUs with native
-bf16 matmuls (avx512_bf16, AMX-bf16, ARM bf16: `cpu_has_native_bf16`), where it is also the fastest. On
-other CPUs bf16 is emulated and many times slower, so there it runs in fp32 with exact beta2/lr/wd
-(`default_ortho_dtype`; the figures are in docs/BENCHMARKS.md).
+Precision. The reference runs Polar Express in bf16 inside its compiled kernel (inductor keeps the fused
+intermediates in fp32) and then casts beta2, lr and wd to the result's dtype (bf16(0.95) = 0.94921875).
+`ortho_dtype=None` reproduces that where the kernels are compiled and bf16 matmuls are native (CUDA; CPUs with
+avx512_bf16, AMX-bf16, ARM bf16: `cpu_has_native_bf16`). Eager kernels run in fp32 with exact beta2/lr/wd:
+eager bf16 rounds every intermediate and lands further from the reference's trajectory than fp32 does
+(tests/test_cuda.py measures it); where bf16 is emulated it is also many times slower (`default_ortho_dtype`).
 """
 import functools
 import math
@@ -127,15 +128,19 @@ def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-def default_ortho_dtype(device: torch.device | str) -> torch.dtype:
-    """The Polar Express dtype `ortho_dtype=None` picks: the reference's bf16 where bf16 matmuls are native
-    (CUDA; CPUs with `cpu_has_native_bf16()`), fp32 elsewhere.
+def default_ortho_dtype(device: torch.device | str, compiled: bool | None = None) -> torch.dtype:
+    """The Polar Express dtype `ortho_dtype=None` picks: the reference's bf16 where its arithmetic can be had,
+    i.e. the kernels are compiled (`compiled`; None: as COMPILE_KERNELS) and bf16 matmuls are native (CUDA; CPUs
+    with `cpu_has_native_bf16()`); fp32 elsewhere.
 
-    Where bf16 is emulated it costs most of a step, and fp32 stays close to the reference's trajectory
-    (docs/BENCHMARKS.md). Pass `ortho_dtype` to force one.
+    Eager bf16 is neither the reference's arithmetic nor close to it: against the reference's trajectory it
+    drifts further than eager fp32 does; and where bf16 is emulated it costs most of a step. Pass `ortho_dtype`
+    to force one.
     """
     kind = torch.device(device).type
-    return torch.bfloat16 if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()) else torch.float32
+    compiled = COMPILE_KERNELS.get(kind, False) if compiled is None else compiled
+    native = kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16())
+    return torch.bfloat16 if native and compiled else torch.float32
 
 
 def _cpu_flags() -> set[str]:
@@ -175,8 +180,8 @@ def _kernels(device_type: str, compiled: bool | None = None):
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for the transformer matrices, AdamW for the rest, on one process.
 
-    `ortho_dtype`: dtype of the Polar Express iteration. None picks per device with `default_ortho_dtype`
-    (bf16, the reference's behaviour, where bf16 matmuls are native; fp32 otherwise); torch.bfloat16 or
+    `ortho_dtype`: dtype of the Polar Express iteration. None picks with `default_ortho_dtype` (bf16, the
+    reference's behaviour, where the kernels are compiled and bf16 matmuls are native; fp32 otherwise); torch.bfloat16 or
     torch.float32 forces one. `compile_kernels`: torch.compile the two kernels (None: as COMPILE_KERNELS).
     Muon state lives on each group's first param: momentum_buffer (K, rows, cols) in the param dtype and
     second_momentum_buffer (K, rows, 1) if rows >= cols else (K, 1, cols) in fp32. AdamW state per param:
@@ -203,8 +208,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # -- shared helpers (used by DistMuonAdamW too) --
 
-    def _ortho_dtype_for(self, device: torch.device) -> torch.dtype:
-        return self.ortho_dtype if self.ortho_dtype is not None else default_ortho_dtype(device)
+    def ortho_dtype_for(self, device: torch.device) -> torch.dtype:
+        """The Polar Express dtype of parameters on `device`: the one asked for, else per device and kernels."""
+        return self.ortho_dtype if self.ortho_dtype is not None else default_ortho_dtype(device, self.compile_kernels)
 
     def _adamw_update(self, group: dict, p: Tensor, grad: Tensor, state: dict, p_view: Tensor) -> None:
         """AdamW on `p_view` (p itself, or this rank's dim-0 slice of it) with state held in `state`."""
@@ -242,7 +248,7 @@ class MuonAdamW(torch.optim.Optimizer):
         _, muon = _kernels(params.device.type, self.compile_kernels)
         muon(grads, params, state["momentum_buffer"][:k], state["second_momentum_buffer"][:k],
              hp["momentum"], hp["lr"], hp["wd"], hp["beta2"], group["ns_steps"],
-             self._ortho_dtype_for(params.device))
+             self.ortho_dtype_for(params.device))
 
     # -- the step --
 

@@ -114,6 +114,14 @@ def test_compiled_optimizer_kernels_match_eager(compile_device, ortho, monkeypat
         else:
             bound = 0.05
         assert rel < bound, f"{name}: compiled update differs from eager by {rel:.3f} of the update (bound {bound:.3f})"
+    if ortho == "bf16" and device == "cpu":
+        # Compiled bf16 is the reference's arithmetic. Without compiled kernels eager fp32 comes closer to it than
+        # eager bf16 (measured 0.071 against 0.110 of the 3-step update here), which is why `--ortho-dtype auto`
+        # picks fp32 for eager kernels (optim.default_ortho_dtype).
+        def distance(run):
+            return (sum((run[n] - compiled[n]).norm() ** 2 for n in start) ** 0.5 /
+                    sum((compiled[n] - start[n]).norm() ** 2 for n in start) ** 0.5)
+        assert distance(results[False, "fp32"]) < distance(eager)
 
 
 @pytest.fixture

@@ -199,17 +199,19 @@ def test_bf16_ortho_agrees_with_fp32():
         assert cosine > 0.995, cosine
 
 
-def test_default_ortho_dtype_is_bf16_where_bf16_is_native(monkeypatch):
+def test_default_ortho_dtype_is_bf16_where_compiled_and_bf16_is_native(monkeypatch):
     from raychat import optim
 
-    assert default_ortho_dtype("cuda") == torch.bfloat16  # the reference's bf16 Polar Express
+    assert default_ortho_dtype("cuda") == torch.bfloat16  # the reference's bf16 Polar Express (compiled on CUDA)
+    assert default_ortho_dtype("cuda", compiled=False) == torch.float32
     assert default_ortho_dtype("mps") == torch.float32
     for flags, expected in (({"avx512f", "avx512bw", "avx2"}, torch.float32),  # bf16 emulated: fp32
                             ({"avx512f", "avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"}, torch.bfloat16),
                             ({"fp", "asimd", "bf16"}, torch.bfloat16), (set(), torch.float32)):
         monkeypatch.setattr(optim, "_cpu_flags", lambda flags=flags: flags)
         optim.cpu_has_native_bf16.cache_clear()
-        assert default_ortho_dtype("cpu") == expected, flags
+        assert default_ortho_dtype("cpu", compiled=True) == expected, flags
+        assert default_ortho_dtype("cpu", compiled=False) == torch.float32  # eager bf16 is not the reference's
     monkeypatch.undo()
     optim.cpu_has_native_bf16.cache_clear()
 
