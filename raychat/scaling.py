@@ -292,13 +292,11 @@ def run_study(study: Study, plans: dict) -> Results:
           f"running {len(pending)}")
     if not pending:
         return results
-    per_trial = ({"CPU": study.sweep.resources["cpus_per_worker"]} if study.in_process
-                 else {"CPU": study.sweep.resources["driver_cpus"]})
-    local_ray.init((per_trial["CPU"] if study.in_process else study.sweep.per_trial_resources()["CPU"])
-                   * (study.sweep.max_concurrent_trials or 1))
+    local_ray.init(study.sweep.per_trial_resources(study.in_process)["CPU"] * (study.sweep.max_concurrent_trials or 1))
     if not study.in_process:
-        check_cluster(study.sweep, ray.cluster_resources())
-    trainable = tune.with_resources(tune.with_parameters(run_point, study=study.to_dict()), per_trial)
+        check_cluster(study.sweep, ray.cluster_resources(), in_process=False)
+    trainable = tune.with_resources(tune.with_parameters(run_point, study=study.to_dict()),
+                                    study.sweep.trial_process_resources(study.in_process))
     tuner = tune.Tuner(
         trainable,
         param_space={"point": tune.grid_search(pending)},
@@ -540,7 +538,7 @@ def main(argv=None) -> int:
         return 2
     print(md)
     print(f"Outputs in {study.study_dir}")
-    missing = len(plans) - len([r for r in results.rows if r["run_name"] in plans])
+    missing = len(plans) - len(results.rows)  # the rows were narrowed to the plans' points above
     if missing:
         print(f"error: {missing} point(s) did not finish; rerun the same command to continue them", file=sys.stderr)
         return 1

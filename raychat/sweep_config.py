@@ -112,12 +112,14 @@ class Sweep:
         controller and worker group to start. Larger trials drive a Ray Train job."""
         return self.resources["workers"] == 1 and self.resources["gpus_per_worker"] == 0
 
-    def per_trial_resources(self) -> dict:
-        """Logical resources one trial holds: its Tune driver plus its Train workers (and Ray Data actors)."""
+    def per_trial_resources(self, in_process: bool | None = None) -> dict:
+        """Logical resources one trial holds: its Tune driver plus its Train workers (and Ray Data actors).
+        `in_process` (None: `self.in_process`) says how the trial trains (a scaling study may choose)."""
         res = self.resources
         backend = self.train.get("data_backend", TrainConfig.data_backend)
         actors = self.train.get("data_actors", TrainConfig.data_actors)  # 1 CPU each
-        if self.in_process:  # the trial's process is the worker, and there `auto` tokenizes inline
+        if self.in_process if in_process is None else in_process:
+            # the trial's process is the worker, and there `auto` tokenizes inline
             return {"CPU": res["cpus_per_worker"] + (actors if backend == "ray" else 0), "GPU": 0}
         cpus = res["driver_cpus"] + res["workers"] * res["cpus_per_worker"]
         # `auto` may resolve to Ray Data in a trial (local_ray.resolve_auto): reserve its actors' CPUs too.
@@ -125,9 +127,10 @@ class Sweep:
             cpus += res["workers"] * actors
         return {"CPU": cpus, "GPU": res["workers"] * res["gpus_per_worker"]}
 
-    def trial_process_resources(self) -> dict:
+    def trial_process_resources(self, in_process: bool | None = None) -> dict:
         """What Tune reserves for a trial's own process: the worker it runs, or the driver of its Train job."""
-        return {"CPU": self.resources["cpus_per_worker"] if self.in_process else self.resources["driver_cpus"]}
+        in_process = self.in_process if in_process is None else in_process
+        return {"CPU": self.resources["cpus_per_worker"] if in_process else self.resources["driver_cpus"]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sweep":
@@ -415,10 +418,10 @@ def check_plan(sweep: Sweep, vocab_size: int):
     return plan
 
 
-def check_cluster(sweep: Sweep, cluster: dict):
+def check_cluster(sweep: Sweep, cluster: dict, in_process: bool | None = None):
     """Fail when one trial cannot fit on the cluster at all (it would wait forever)."""
     chk = _Checker(sweep.path, open(sweep.path, encoding="utf-8").read() if os.path.exists(sweep.path) else "")
-    need = sweep.per_trial_resources()
+    need = sweep.per_trial_resources(in_process)
     have_cpu, have_gpu = cluster.get("CPU", 0), cluster.get("GPU", 0)
     if need["GPU"] > have_gpu:
         chk.fail(("resources", "gpus_per_worker"), f"one trial needs {need['GPU']:g} GPUs (workers x gpus_per_worker) "
