@@ -30,7 +30,7 @@ def _section(title: str, items: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot, headless; None where matplotlib is not installed (a slim image): the report is then
     written without its plots rather than failing at the end of a run."""
     try:
@@ -109,7 +109,7 @@ def render_report(cfg, plan, summary: dict, history: dict, out_dir: str) -> str:
           _section("Setup", setup), _section("Outcomes", outcomes),
           *([_section("Resizes (world size changes)", resizes)] if resizes else []),
           *([_section("Changed settings (--allow-changed)", changes)] if changes else []), _section("Environment", env)]
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         md.append("Plots skipped: matplotlib is not installed (`pip install matplotlib`).\n")
     else:

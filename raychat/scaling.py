@@ -402,13 +402,13 @@ def _std(xs: list) -> float:
 
 def plot(fit, rows: list, path: str) -> bool:
     """isoFLOP curves with their minima, and the two power laws, in one PNG; False without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from raychat.report import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return False
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(fit.budgets)))
