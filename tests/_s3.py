@@ -15,7 +15,6 @@ Import the fixtures into a test module: `from tests._s3 import s3, s3_env  # noq
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import urllib.request
 from unittest import mock
 
 import pytest
-from conftest import ray_processes
+from conftest import reap_ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,14 +239,7 @@ def driver(args: list, env: dict, ray_tmp: str | None = None) -> tuple[int, str]
         done = subprocess.run([sys.executable, "-m", "raychat.train", *args], cwd=REPO, capture_output=True,
                               text=True, timeout=400, env=full)
     finally:
-        deadline = time.monotonic() + 30  # the driver's Ray goes with it; stragglers of this run are killed
-        while ray_processes(ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in ray_processes(ray_tmp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        reap_ray(ray_tmp)  # the driver's Ray goes with it; stragglers of this run are killed
         if own:
             shutil.rmtree(ray_tmp, ignore_errors=True)
     return done.returncode, done.stdout + done.stderr

@@ -243,3 +243,21 @@ def ray_processes(ray_tmp: str) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def reap_ray(ray_tmp: str, timeout: float = 30) -> int:
+    """Wait until no process of a Ray session under `ray_tmp` is left (a driver's Ray goes with it); SIGKILL the
+    stragglers, found by their session directory, after `timeout` seconds. Returns how many had to be killed."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while ray_processes(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    left = ray_processes(ray_tmp)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(left)

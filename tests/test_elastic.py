@@ -397,7 +397,8 @@ def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_l
     import sys
     import tempfile
 
-    from test_reliability import REPO, _reap_ray, _subprocess_env
+    from conftest import reap_ray
+    from test_reliability import REPO, _subprocess_env
 
     steps, every = 800, 20  # long enough that 1 worker is still training when the grown group starts
     ray_tmp = tempfile.mkdtemp(prefix="re", dir="/tmp")
@@ -407,7 +408,7 @@ def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_l
                      "--eval-every", "-1", "--data-backend", "inline")
     out = subprocess.run([sys.executable, "-c", _ELASTIC_CLUSTER_SCRIPT, json.dumps(args)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=540)
-    _reap_ray(ray_tmp)
+    reap_ray(ray_tmp)
     log = out.stdout + out.stderr
     (tmp_path / "elastic_cluster.log").write_text(log)
     print("\n".join(line for line in out.stdout.splitlines() if line.startswith(("NODE", "ONE", "TWO", "RC"))))

@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from conftest import STEPS, assert_same_run, ray_processes, tiny_args
+from conftest import STEPS, assert_same_run, reap_ray, tiny_args
 from raychat import checkpoint as ckpt_files
 from raychat.train import main
 
@@ -133,23 +133,6 @@ def _descendants(pid):
     return found
 
 
-def _reap_ray(ray_tmp, timeout=30):
-    """Wait until no process of the killed run's Ray session is left; SIGKILL stragglers (started by this
-    test, found by their session directory) after `timeout`. Returns how many had to be killed."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not ray_processes(ray_tmp):
-            return 0
-        time.sleep(0.5)
-    left = ray_processes(ray_tmp)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(left)
-
-
 @pytest.mark.slow
 def test_driver_sigkilled_ends_its_ray_then_same_command_resumes(baseline, tiny_data_dir, tiny_tokenizer_dir,
                                                                  storage, tmp_path):
@@ -187,14 +170,14 @@ def test_driver_sigkilled_ends_its_ray_then_same_command_resumes(baseline, tiny_
         for pid in _survivors(started):
             os.kill(pid, signal.SIGKILL)
         log.close()
-        _reap_ray(ray_tmp, timeout=0)
+        reap_ray(ray_tmp, timeout=0)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     steps = sorted(_complete_steps(run))
     assert steps and max(steps) < STEPS, f"the kill came too late to test anything: complete steps {steps}"
 
     ray_tmp2 = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     again = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(ray_tmp2), capture_output=True, text=True, timeout=300)
-    _reap_ray(ray_tmp2)
+    reap_ray(ray_tmp2)
     shutil.rmtree(ray_tmp2, ignore_errors=True)
     (tmp_path / "again.log").write_text(again.stdout + again.stderr)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -245,7 +228,7 @@ def _node_loss(args, tmp_path, extra_env=None):
     env = dict(_subprocess_env(ray_tmp), **(extra_env or {}))
     out = subprocess.run([sys.executable, "-c", _NODE_LOSS_SCRIPT, json.dumps(args)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    _reap_ray(ray_tmp)
+    reap_ray(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     (tmp_path / "node_loss.log").write_text(out.stdout + out.stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -349,7 +332,7 @@ def test_ctrl_c_stops_the_run_and_everything_it_started(tiny_data_dir, tiny_toke
             os.killpg(proc.pid, signal.SIGKILL)
         for pid in _survivors(started):
             os.kill(pid, signal.SIGKILL)
-        _reap_ray(ray_tmp, timeout=0)
-        _reap_ray(other_tmp, timeout=0)  # that head's processes only (by its temp dir), never `ray stop`
+        reap_ray(ray_tmp, timeout=0)
+        reap_ray(other_tmp, timeout=0)  # that head's processes only (by its temp dir), never `ray stop`
         shutil.rmtree(ray_tmp, ignore_errors=True)
         shutil.rmtree(other_tmp, ignore_errors=True)

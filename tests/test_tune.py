@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import pytest
+from conftest import reap_ray
 
 from raychat.config import parse_args
 from raychat.sweep_config import SweepConfigError, check_cluster, check_plan, load_sweep, parse_sweep
@@ -205,7 +206,7 @@ def sweep_env():
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # Tune saves its experiment state often, so a kill loses little
     env["PYTHONPATH"] = REPO
     yield env
-    _kill_leftover_ray(env["RAY_TMPDIR"])
+    reap_ray(env["RAY_TMPDIR"], timeout=0)  # a SIGKILLed sweep may leave its Ray
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
@@ -224,23 +225,6 @@ def _snapshot(run_dir):
             p = os.path.join(root, name)
             out[os.path.relpath(p, run_dir)] = os.stat(p).st_mtime_ns
     return out
-
-
-def _kill_leftover_ray(ray_tmpdir):
-    """SIGKILL of the sweep's group may leave the Ray it started (gcs, raylet): end those, by their pids."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if ray_tmpdir in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
 
 
 @pytest.mark.slow
@@ -266,7 +250,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data_dir, t
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        _kill_leftover_ray(env["RAY_TMPDIR"])
+        reap_ray(env["RAY_TMPDIR"], timeout=0)  # a SIGKILLed sweep may leave its Ray
         log.close()
 
     finished = [e["trial"] for e in _log_events(sweep_dir) if e["event"] == "complete"]
