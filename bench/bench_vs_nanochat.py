@@ -46,15 +46,24 @@ if _OMP_BEFORE is None:  # bench_train pins 1 thread per process; here each side
     os.environ.pop("OMP_NUM_THREADS", None)
 
 STEP = re.compile(r"step (\d+)/(\d+) \(.*?\) \| loss: ([\d.]+) .*?\| dt: ([\d.]+)ms")
+VAL_BPB = re.compile(r"Step (\d+) \| Validation bpb: ([\d.]+)")
+# The peers this benchmark knows, and the raychat recipe that trains what each trains. 92d63d4 is told apart by
+# the file it added (nanochat/fp8.py).
+RECIPE_OF_PEER = {"07c4dd4": "seed", "92d63d4": "2026-07"}
 PEER_VENV_HINT = ("python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip install torch==2.13.0 tiktoken "
                   "rustbpe pyarrow numpy wandb requests filelock psutil tokenizers regex")
 
 
-def write_peer_layout(data_dir: str, tok_dir: str, base: str) -> None:
-    """DIR/base_data/shard_XXXXX.parquet (the last one sorting is the peer's val shard: ours) and DIR/tokenizer.
-    Same files, renamed: column `text`, 64-document row groups, which the peer reads group by group."""
+def peer_version(nanochat_dir: str) -> str:
+    return "92d63d4" if os.path.exists(os.path.join(nanochat_dir, "nanochat", "fp8.py")) else "07c4dd4"
+
+
+def write_peer_layout(data_dir: str, tok_dir: str, base: str, peer: str = "07c4dd4") -> None:
+    """DIR/base_data/shard_XXXXX.parquet (92d63d4: DIR/base_data_climbmix/; the last one sorting is the peer's val
+    shard: ours) and DIR/tokenizer. Same files, renamed: column `text`, 64-document row groups, which the peer reads
+    group by group."""
     shards = sorted(f for f in os.listdir(data_dir) if f.startswith("shard_") and f.endswith(".parquet"))
-    out = os.path.join(base, "base_data")
+    out = os.path.join(base, "base_data_climbmix" if peer == "92d63d4" else "base_data")
     os.makedirs(out, exist_ok=True)
     for i, name in enumerate(shards + ["val.parquet"]):
         shutil.copyfile(os.path.join(data_dir, name), os.path.join(out, f"shard_{i:05d}.parquet"))
@@ -111,12 +120,14 @@ def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str 
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    lines, first_step, steps = [], None, {}
+    lines, first_step, steps, val_bpb = [], None, {}, None
     log = open(log_path, "w")
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             log.write(f"{time.perf_counter() - t0:8.2f} {line}")
+            if v := VAL_BPB.search(line):
+                val_bpb = float(v.group(2))  # the last evaluation's
             m = STEP.search(line)
             if m:
                 steps[int(m.group(1))] = (float(m.group(4)) / 1000, float(m.group(3)))
@@ -136,14 +147,24 @@ def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str 
     n = max(steps)
     timed = [steps[s][0] for s in sorted(steps) if 10 < s < n] or [steps[s][0] for s in sorted(steps)]
     return {"dt": statistics.median(timed), "startup": first_step, "loss": steps[n][1], "wall": time.perf_counter() - t0,
-            "rss_trainer": peak["trainer"], "rss_tree": peak["tree"], "last_step": n}
+            "rss_trainer": peak["trainer"], "rss_tree": peak["tree"], "last_step": n, "val_bpb": val_bpb}
 
 
 def model_flags(a, depth: int, total_batch: int, steps: int) -> list[str]:
+    """The flags both sides take. --eval-tokens N evaluates val bpb at step 0 and at the last step."""
+    evals = ["--eval-every", str(steps), "--eval-tokens", str(a.eval_tokens)] if a.eval_tokens > 0 and steps > 1 \
+        else ["--eval-every", "-1"]
     return ["--depth", str(depth), "--head-dim", "64", "--window-pattern", a.window_pattern,
             "--max-seq-len", str(a.max_seq_len),
             "--device-batch-size", str(a.device_batch_size), "--total-batch-size", str(total_batch),
-            "--num-iterations", str(steps), "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1"]
+            "--num-iterations", str(steps), *evals, "--core-metric-every", "-1", "--sample-every", "-1"]
+
+
+def recipe_flags(a) -> list[str]:
+    """raychat's flags for the recipe the peer trains, and (92d63d4) the compute dtype the peer is given."""
+    if a.peer == "07c4dd4":
+        return []
+    return ["--recipe", RECIPE_OF_PEER[a.peer], "--compute-dtype", a.dtype]
 
 
 class Runner:
@@ -163,6 +184,8 @@ class Runner:
     def nanochat(self, depth: int, steps: int, cold: bool) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(NANOCHAT_BASE_DIR=self.peer_base, TORCHINDUCTOR_CACHE_DIR=self._cache(cold), WANDB_MODE="disabled")
+        if self.a.peer == "92d63d4":  # its compute-dtype override
+            env["NANOCHAT_DTYPE"] = {"fp32": "float32", "bf16": "bfloat16"}[self.a.dtype]
         cmd = [self.a.peer_python, "-m", "scripts.base_train", *model_flags(self.a, depth, self.a.total_batch_size, steps),
                "--device-type=cpu", "--run=dummy"]
         return run(cmd, self.a.nanochat_dir, env, self.a.timeout, None, self._log(f"nanochat-d{depth}"))
@@ -179,7 +202,7 @@ class Runner:
     def raychat(self, depth: int, steps: int, cold: bool, workers: int = 1, total_batch: int | None = None) -> dict:
         env = self._raychat_env(cold)
         cmd = [sys.executable, "-m", "raychat.train", "--num-workers", str(workers),
-               *model_flags(self.a, depth, total_batch or self.a.total_batch_size, steps),
+               *model_flags(self.a, depth, total_batch or self.a.total_batch_size, steps), *recipe_flags(self.a),
                "--data-dir", self.data_dir, "--tokenizer-dir", self.tok_dir,
                "--storage-path", os.path.join(self.work, "runs"), "--run-name", f"vs-d{depth}-{self.n}", *self.a.raychat_args]
         return run(cmd, REPO, env, self.a.timeout, "RayTrainWorker", self._log(f"raychat-d{depth}-w{workers}"))
@@ -188,22 +211,24 @@ class Runner:
         """raychat's loop in a plain process (no Ray): the same flags, data and threads as `raychat`."""
         env = self._raychat_env(cold)
         cmd = [sys.executable, "-m", "bench.bench_train", "--child-local", "--",
-               *model_flags(self.a, depth, self.a.total_batch_size, steps),
+               *model_flags(self.a, depth, self.a.total_batch_size, steps), *recipe_flags(self.a),
                "--data-dir", self.data_dir, "--tokenizer-dir", self.tok_dir, "--data-backend", "inline",
                "--storage-path", os.path.join(self.work, "runs"), "--run-name", f"local-d{depth}-{self.n}", *self.a.raychat_args]
         return run(cmd, REPO, env, self.a.timeout, None, self._log(f"local-d{depth}"))
 
 
 def describe(name: str, r: dict, tokens: int) -> str:
+    val = "" if r["val_bpb"] is None else f" | val bpb {r['val_bpb']:.6f}"
     return (f"  {name:22s} tok/s {tokens / r['dt']:7,.0f} (median dt {r['dt'] * 1000:7.1f} ms) | start-up {r['startup']:6.1f} s"
             f" | peak RSS trainer {r['rss_trainer'] / 2**20:6.0f} MiB, tree {r['rss_tree'] / 2**20:6.0f} MiB | "
-            f"loss@{r['last_step']} {r['loss']:.4f} | wall {r['wall']:5.1f} s | load {os.getloadavg()[0]:.1f}")
+            f"loss@{r['last_step']} {r['loss']:.4f}{val} | wall {r['wall']:5.1f} s | load {os.getloadavg()[0]:.1f}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nanochat-dir", default=os.path.join(REPO, "..", "shared", "peers", "nanochat-07c4dd4"),
-                   help="the reference's checkout (nanochat 07c4dd4)")
+                   help="the peer's checkout: nanochat 07c4dd4 (raychat's seed recipe) or 92d63d4 (raychat --recipe "
+                        "2026-07), told apart by its files")
     p.add_argument("--peer-python", default="/tmp/nanochat-venv/bin/python", help="python of the reference's own venv")
     p.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8])
     p.add_argument("--steps", type=int, default=40, help="steps per run; the median dt of 11..N-1 is timed")
@@ -220,6 +245,11 @@ def main(argv=None) -> int:
     p.add_argument("--device-batch-size", type=int, default=8)
     p.add_argument("--total-batch-size", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="92d63d4 only: the compute dtype of both sides (nanochat's NANOCHAT_DTYPE, raychat's "
+                        "--compute-dtype); fp32 is the peer's own choice on CPU")
+    p.add_argument("--eval-tokens", type=int, default=0,
+                   help="evaluate val bpb at step 0 and the last step on this many tokens (0 = no evaluation)")
     p.add_argument("--raychat-args", nargs=argparse.REMAINDER, default=[],
                    help="extra raychat.train flags, last on the line (e.g. --raychat-args --compile false)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "raychat-bench"),
@@ -238,7 +268,11 @@ def main(argv=None) -> int:
         return 2
     if a.steps < 14:
         p.error(f"--steps {a.steps}: need at least 14 (steps 0-10 are warm-up)")
+    a.peer = peer_version(a.nanochat_dir)
+    if a.peer == "07c4dd4" and a.dtype != "fp32":
+        p.error("--dtype applies to nanochat 92d63d4 (07c4dd4 computes in fp32 on CPU)")
     print(f"CPU: {cpu_description()}")
+    print(f"peer: nanochat {a.peer} = raychat --recipe {RECIPE_OF_PEER[a.peer]}")
     print(f"settings: {vars(a)}")
     if a.dry_run:
         return 0
@@ -246,7 +280,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="raychat-vs-nanochat-")
     data_dir, tok_dir = prepare_bench_data(a.cache_dir, a.vocab_size)
     peer_base = os.path.join(work, "nanochat_base")
-    write_peer_layout(data_dir, tok_dir, peer_base)
+    write_peer_layout(data_dir, tok_dir, peer_base, a.peer)
     r = Runner(a, work, data_dir, tok_dir, peer_base)
     tokens = a.total_batch_size
     print(f"work dir {work} (each run's timestamped output in logs/); load average before: {os.getloadavg()}", flush=True)
@@ -289,6 +323,10 @@ def main(argv=None) -> int:
         print(f"d{depth:<5d}{ts_n:15,.0f}{ts_r:9,.0f}{ts_r / ts_n:7.2f} | {su_n:7.1f}/{su_r:6.1f} ({su_r / su_n:5.2f}x) | "
               f"{cold:>20s} | {med(n, 'rss_trainer') / 2**20:8.0f} / {med(ry, 'rss_trainer') / 2**20:8.0f} / "
               f"{med(ry, 'rss_tree') / 2**20:8.0f}       | {med(n, 'loss'):.4f}/{med(ry, 'loss'):.4f}")
+        if n[0]["val_bpb"] is not None and ry[0]["val_bpb"] is not None:
+            vn, vr = med(n, "val_bpb"), med(ry, "val_bpb")
+            print(f"{'':6s}val bpb at step {n[0]['last_step']}: nanochat {vn:.6f}, raychat {vr:.6f} "
+                  f"({100 * (vr - vn) / vn:+.2f}%)")
         if res.get("local"):
             lo = res["local"]
             ts_l = tokens / med(lo, "dt")

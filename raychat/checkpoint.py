@@ -184,8 +184,13 @@ def load_rank_state(directory: str, rank: int, world_size: int, device, param_sh
 def check_compatible(meta: dict, model_config: dict, num_slots: int, where: str) -> None:
     """Refuse, loudly, a checkpoint this run cannot continue exactly. The world size may differ (the state is
     resharded, `load_rank_files`); the data slots (micro-batches per step) may not."""
-    saved = meta.get("model_config", {})
+    saved = with_model_options(meta.get("model_config", {}))
     diffs = {k: (saved.get(k), v) for k, v in model_config.items() if saved.get(k) != v}
+    from raychat.model import RECIPE_OPTIONS
+
+    if set(diffs) & set(RECIPE_OPTIONS["seed"]):  # the architecture itself: say which recipes
+        raise ValueError(f"checkpoint {where} is a --recipe {recipe_of(saved)} model, this run trains --recipe "
+                         f"{recipe_of(model_config)}; use the checkpoint's recipe or a new --run-name")
     if diffs:
         desc = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(f"checkpoint {where} is from another model ({desc}); use the same model flags or a "
@@ -196,12 +201,39 @@ def check_compatible(meta: dict, model_config: dict, num_slots: int, where: str)
                          "--device-batch-size and --max-seq-len as they were")
 
 
+def with_model_options(model_config: dict) -> dict:
+    """A saved model_config with the architecture options it predates filled in: checkpoints written before
+    raychat had them (and nanochat 07c4dd4's) are the seed's model."""
+    from raychat.model import RECIPE_OPTIONS
+
+    return {**RECIPE_OPTIONS["seed"], **model_config}
+
+
+def recipe_of(model_config: dict) -> str:
+    """The recipe whose architecture a model_config is (raychat.model.RECIPE_OPTIONS)."""
+    from raychat.model import RECIPE_OPTIONS
+
+    config = with_model_options(model_config)
+    for recipe, options in RECIPE_OPTIONS.items():
+        if all(config[k] == v for k, v in options.items()):
+            return recipe
+    raise ValueError(f"model options {({k: config[k] for k in RECIPE_OPTIONS['seed']})} are no recipe's "
+                     f"architecture ({', '.join(RECIPE_OPTIONS)})")
+
+
 # ----------------------------------------------------------------------------------------------------
-# nanochat's layout (model_XXXXXX.pt, meta_XXXXXX.json), for interchange in both directions
+# nanochat's layout (model_XXXXXX.pt, meta_XXXXXX.json), for interchange in both directions.
+# nanochat's GPTConfig has only the fields below; its version tells the architecture: a 92d63d4 model (the
+# 2026-07 recipe) has smear and backout parameters in its state dict, a 07c4dd4 one (the seed) has not.
+
+NANOCHAT_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
+NANOCHAT_VERSION = {"seed": "07c4dd4", "2026-07": "92d63d4"}
 
 
 def export_nanochat(out_dir: str, step: int, model_state: dict, meta: dict) -> list[str]:
-    """Write a model in the reference's layout so nanochat's own tools can load it."""
+    """Write a model in the layout of the nanochat that trains its recipe (07c4dd4 for the seed, 92d63d4 for
+    2026-07) so that nanochat's own tools load it."""
+    recipe_of(meta["model_config"])  # refuses a model no nanochat version can build
     os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, f"model_{step:06d}.pt")
     meta_path = os.path.join(out_dir, f"meta_{step:06d}.json")
@@ -209,10 +241,11 @@ def export_nanochat(out_dir: str, step: int, model_state: dict, meta: dict) -> l
     nanochat_meta = {
         "step": step,
         "val_bpb": meta.get("val_bpb"),
-        "model_config": meta["model_config"],
+        "model_config": {k: meta["model_config"][k] for k in NANOCHAT_CONFIG_KEYS},
         "user_config": meta.get("user_config", {}),
         "device_batch_size": meta.get("device_batch_size"),
         "max_seq_len": meta.get("max_seq_len"),
+        "total_batch_size": meta.get("total_batch_size"),  # 92d63d4 records the (possibly automatic) batch
         "dataloader_state_dict": None,  # raychat's exact data state has no nanochat equivalent
         "loop_state": meta.get("loop_state", {}),
     }
@@ -229,8 +262,9 @@ def find_nanochat_step(directory: str) -> int:
 
 
 def load_nanochat_model(directory: str, step: int | None = None, device="cpu") -> tuple[dict, dict]:
-    """(model_state, meta) of a nanochat base checkpoint, converted as the reference's build_model does:
-    `_orig_mod.` prefixes stripped, bf16 tensors upcast off CUDA, missing lambdas patched."""
+    """(model_state, meta) of a nanochat base checkpoint (07c4dd4's or 92d63d4's), converted as the reference's
+    build_model does: `_orig_mod.` prefixes stripped, bf16 tensors upcast off CUDA, missing lambdas patched; the
+    model_config gets the architecture options of the nanochat version that wrote it."""
     step = find_nanochat_step(directory) if step is None else step
     model_path = os.path.join(directory, f"model_{step:06d}.pt")
     meta_path = os.path.join(directory, f"meta_{step:06d}.json")
@@ -248,4 +282,8 @@ def load_nanochat_model(directory: str, step: int | None = None, device="cpu") -
     state.setdefault("resid_lambdas", torch.ones(n_layer, device=ref.device))
     state.setdefault("x0_lambdas", torch.zeros(n_layer, device=ref.device))
     meta["model_config"].setdefault("window_pattern", "L")
+    from raychat.model import RECIPE_OPTIONS
+
+    recipe = "2026-07" if "smear_lambda" in state else "seed"
+    meta["model_config"].update(RECIPE_OPTIONS[recipe])
     return state, meta

@@ -51,10 +51,23 @@ def init_nccl_group(rank: int, world_size: int, timeout_s: int, device: torch.de
                             timeout=timedelta(seconds=timeout_s), device_id=device)
 
 
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The 2026-07 recipe's compute dtype (--compute-dtype): bf16 on CUDA from sm80 (Ampere), fp32 on older
+    GPUs and off CUDA (CPU bf16 is opt-in: `bf16`), as nanochat 92d63d4 decides its COMPUTE_DTYPE."""
+    if setting != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
 class DeviceContext:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype | None = None):
+        """`compute_dtype` None: the seed recipe's precision (bf16 autocast on CUDA); a dtype: the 2026-07
+        recipe's, where the model itself casts (raychat.model) and autocast stays off."""
         self.device = device
         self.type = device.type
+        self.compute_dtype = compute_dtype
         if self.type == "cuda":
             set_process_env()
             # TF32 for the fp32 matmuls outside autocast, as the reference. The legacy call rather than
@@ -65,9 +78,12 @@ class DeviceContext:
         self.peak_flops = get_peak_flops(self.name) if self.type == "cuda" else float("inf")
 
     @classmethod
-    def for_session(cls, session, device_type: str = "") -> "DeviceContext":
-        """The session's device of `device_type` (empty: the best one this machine has)."""
-        return cls(session.device(device_type or autodetect_device_type()))
+    def for_session(cls, session, device_type: str = "", recipe: str = "seed",
+                    compute: str = "auto") -> "DeviceContext":
+        """The session's device of `device_type` (empty: the best one this machine has), computing as `recipe`
+        does (`compute`: its --compute-dtype)."""
+        device = session.device(device_type or autodetect_device_type())
+        return cls(device, None if recipe == "seed" else compute_dtype(compute, device))
 
     @property
     def asynchronous(self) -> bool:
@@ -76,8 +92,9 @@ class DeviceContext:
         return self.type == "cuda"
 
     def autocast(self):
-        """bf16 autocast on CUDA, nothing elsewhere (the model is fp32 on CPU, as the reference's)."""
-        if self.type == "cuda":
+        """The seed recipe's bf16 autocast on CUDA; nothing elsewhere (the model is fp32 on CPU, as the
+        reference's) or with a compute dtype (the model casts)."""
+        if self.type == "cuda" and self.compute_dtype is None:
             return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
         return nullcontext()
 

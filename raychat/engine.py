@@ -12,7 +12,8 @@ class KVCache:
     """Per-layer key/value caches of shape (L, B, Tmax, Hkv, Dh) plus one position per row.
 
     The whole batch shares one position in practice (the SDPA path reads row 0). Layers write at the
-    position; the model's last layer advances it after each forward pass.
+    position; the model's last layer advances it after each forward pass. A model with smear also keeps here
+    the normed embedding of the last token it saw, (B, 1, d), which the next token mixes in (None when empty).
     """
 
     def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int,
@@ -30,6 +31,7 @@ class KVCache:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.prev_embedding = None
 
     def get_pos(self) -> int:
         """The current position (row 0's); a host sync on GPUs."""
@@ -44,6 +46,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.cache_seqlens.zero_()
+        self.prev_embedding = None
 
     def prefill(self, other: "KVCache") -> None:
         """Copy another cache's filled prefix into every row of this empty cache, and take its position.
@@ -63,6 +66,8 @@ class KVCache:
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
 
 
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0,
@@ -105,7 +110,10 @@ class Engine:
         if max_tokens is not None and max_tokens < 0:
             raise ValueError(f"max_tokens={max_tokens}: must be ≥ 0 or None")
         device = self.model.get_device()
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # The dtype attention emits: the model's compute dtype, else the seed's (bf16 autocast on CUDA only).
+        dtype = self.model.compute_dtype
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
         stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}

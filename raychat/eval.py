@@ -89,8 +89,11 @@ def open_checkpoint(args):
             yield "raychat", found.path, found.local_dir
 
 
-def load_model(kind: str, directory: str, step, device):
-    """(model, meta) in eval mode on `device`."""
+def load_model(kind: str, directory: str, step, device, compute: str = "auto"):
+    """(model, meta) in eval mode on `device`. A 2026-07 model computes in its recipe's dtype (`compute`: as
+    --compute-dtype; auto = bf16 on CUDA from sm80, fp32 elsewhere), a seed one as the seed does; the model's
+    `compute_dtype` says which (None: the seed's bf16 autocast on CUDA)."""
+    from raychat.device import compute_dtype
     from raychat.model import GPT, GPTConfig
 
     if kind == "nanochat":  # upcasts bf16 off CUDA itself, as the reference's build_model
@@ -98,10 +101,13 @@ def load_model(kind: str, directory: str, step, device):
     else:
         state = torch.load(os.path.join(directory, ckpt_files.MODEL_FILE), map_location=device, weights_only=True)
         meta = ckpt_files.read_meta(directory)
+    meta["model_config"] = ckpt_files.with_model_options(meta["model_config"])
+    seed = ckpt_files.recipe_of(meta["model_config"]) == "seed"
     with torch.device("meta"):
         model = GPT(GPTConfig(**meta["model_config"]))
     model.to_empty(device=device)
-    model.init_weights()  # computes the rotary buffers and sets the device's dtypes; the weights come next
+    # The rotary buffers and the device's dtypes; the weights come next.
+    model.init_weights(compute_dtype=None if seed else compute_dtype(compute, torch.device(device)))
     # Copied into the model's own tensors, as the training loop resumes: each takes the dtype this device gives
     # it (a CUDA run's bf16 embeddings become fp32 on a CPU, a CPU run's fp32 ones bf16 on a GPU).
     model.load_state_dict(state, strict=True)
@@ -124,6 +130,7 @@ def evaluate(args, session) -> dict:
     device = dev.device
     with open_checkpoint(args) as (kind, directory, local_dir):
         model, meta = load_model(kind, local_dir, args.step, device)
+    dev.compute_dtype = model.compute_dtype  # a 2026-07 model casts itself: no autocast
     # From bytes, so that the tokenizer may live in a bucket as the shards do.
     tokenizer, token_bytes = load_tokenizer(read_tokenizer_files(args.tokenizer_dir), device)
     if tokenizer.get_vocab_size() != meta["model_config"]["vocab_size"]:

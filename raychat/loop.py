@@ -50,19 +50,22 @@ def use_compile(cfg: TrainConfig, device_type: str, flops_per_micro_batch: float
     return device_type == "cuda" or (device_type == "cpu" and flops_per_micro_batch >= CPU_COMPILE_MIN_FLOPS)
 
 
-def build_optimizer(model, cfg: TrainConfig, plan, world_size: int, compile_kernels: bool):
+def build_optimizer(model, cfg: TrainConfig, plan, world_size: int, compile_kernels: bool,
+                    compute_dtype: torch.dtype | None = None):
     """MuonAdamW over the model's parameter groups, ZeRO-2 sharded (DistMuonAdamW) across several workers.
     The learning rates scale with the batch size as derive() computed."""
     from raychat.optim import DistMuonAdamW, MuonAdamW
 
     s = plan.batch_lr_scale
+    betas = {} if cfg.recipe != "seed" else {"adam_betas": (cfg.adam_beta1, cfg.adam_beta2)}
     groups = model.optimizer_groups(
         unembedding_lr=cfg.unembedding_lr * s, embedding_lr=cfg.embedding_lr * s, matrix_lr=cfg.matrix_lr * s,
-        weight_decay=plan.weight_decay_scaled, adam_betas=(cfg.adam_beta1, cfg.adam_beta2),
-        scalar_lr=cfg.scalar_lr * s)
+        weight_decay=plan.weight_decay_scaled, scalar_lr=cfg.scalar_lr * s, recipe=cfg.recipe, **betas)
     ortho_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.ortho_dtype]
+    if ortho_dtype is None and compute_dtype is not None:
+        ortho_dtype = compute_dtype  # the 2026-07 recipe orthogonalises in bf16 only when it computes in bf16
     return (DistMuonAdamW if world_size > 1 else MuonAdamW)(groups, ortho_dtype=ortho_dtype,
-                                                            compile_kernels=compile_kernels)
+                                                            compile_kernels=compile_kernels, recipe=cfg.recipe)
 
 
 def load_tokenizer(tokenizer_files: dict, device):
@@ -94,7 +97,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     log = session.log
 
     # --- device, seeds, precision ---
-    dev = DeviceContext.for_session(session, cfg.device_type)
+    dev = DeviceContext.for_session(session, cfg.device_type, cfg.recipe, cfg.compute_dtype)
     device = dev.device
     torch.manual_seed(42)  # the same seed on every rank: identical init, nothing broadcast
     if dev.type == "cuda":
@@ -114,14 +117,17 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     with torch.device("meta"):
         model = GPT(GPTConfig(**plan.model_config))
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(compute_dtype=dev.compute_dtype)
+    if dev.compute_dtype is not None:
+        log(f"Compute dtype: {str(dev.compute_dtype).removeprefix('torch.')} (--compute-dtype {cfg.compute_dtype})")
     attention = attention_path(model.window_sizes, cfg.max_seq_len, dev.type)
     log(f"Attention: {attention}")
     orig_model = model  # uncompiled: sampling, CORE and the saved state dict (no `_orig_mod.` keys)
     compile_ = use_compile(cfg, dev.type, plan.num_flops_per_token * cfg.device_batch_size * cfg.max_seq_len)
     if compile_:
         model = torch.compile(model, dynamic=False)
-    optimizer = build_optimizer(orig_model, cfg, plan, world_size, compile_kernels=compile_)
+    optimizer = build_optimizer(orig_model, cfg, plan, world_size, compile_kernels=compile_,
+                                compute_dtype=dev.compute_dtype)
     if dev.type == "cpu":
         log(f"CPU: {torch.get_num_threads()} thread(s) | compile: {compile_} | Muon orthogonalisation: "
             f"{str(optimizer.ortho_dtype_for(device)).removeprefix('torch.')}")
@@ -155,7 +161,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     # --- what the loop reports and saves with ---
     N = plan.num_iterations
     eval_steps = cfg.eval_tokens // (B * T * world_size)
-    flops_per_step = plan.num_flops_per_token * cfg.total_batch_size
+    flops_per_step = plan.num_flops_per_token * plan.total_batch_size
     faults = FaultInjector(cfg, rank, run_dir(cfg))
     saver = CheckpointSaver(session, run_dir(cfg), orig_model, optimizer, streams, faults, device, log)
     profiler = start_profiler(dev.type, run_dir(cfg)) if cfg.profile and master else None
@@ -223,6 +229,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             if save:
                 meta = {"step": step, "val_bpb": state.val_bpb, "model_config": plan.model_config,
                         "user_config": cfg.user_config(), "device_batch_size": B, "max_seq_len": T,
+                        "total_batch_size": plan.total_batch_size,
                         "world_size": world_size, "grad_accum_steps": plan.grad_accum_steps, "num_slots": S,
                         "fit_id": fit_id, "saved_at": time.time(), "inputs": inputs, **state.state_dict()}
             if (stopped_reason := saver.save_point(step, metrics, meta, last=last_step)) is not None:
@@ -276,7 +283,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             state.smooth_train_loss = 0.9 * state.smooth_train_loss + 0.1 * train_loss_f
         debiased = state.smooth_train_loss / (1 - 0.9 ** (step + 1))
         pct_done = 100 * step / N
-        tok_per_sec = int(cfg.total_batch_size / dt)
+        tok_per_sec = int(plan.total_batch_size / dt)
         mfu = 100 * flops_per_step / dt / (dev.peak_flops * world_size)
         if step > 10:
             state.total_training_time += dt  # steps 0-10 (compile warm-up) excluded, as the leaderboard counter

@@ -19,6 +19,16 @@ intermediates in fp32) and then casts beta2, lr and wd to the result's dtype (bf
 avx512_bf16, AMX-bf16, ARM bf16: `cpu_has_native_bf16`). Eager kernels run in fp32 with exact beta2/lr/wd:
 eager bf16 rounds every intermediate and lands further from the reference's trajectory than fp32 does
 (tests/test_cuda.py measures it); where bf16 is emulated it is also many times slower (`default_ortho_dtype`).
+
+Recipes (`recipe=`, RECIPES). "seed" is the arithmetic above (nanochat 07c4dd4). "2026-07" is nanochat
+92d63d4's: Muon equilibrates the rows of the momentum before Polar Express (MuonEq), normalises with a slack of
+1.01, casts the result back to the param dtype, and rescales it to the Frobenius norm of an exactly
+semi-orthogonal matrix, sqrt(min(rows, cols)) (Muon+), before variance reduction; beta2/lr/wd are then in the
+param dtype (fp32), not bf16. AdamW widens bf16 params and state to fp32 for its arithmetic and rounds once.
+That reference orthogonalises in bf16 exactly when its model computes in bf16, else in the gradient's dtype
+(fp32): `ortho_dtype` is that dtype, and a caller that knows its compute dtype passes it (torch.bfloat16 or
+torch.float32); None falls back to the reference's default compute dtype, bf16 on CUDA (compiled kernels, as
+above) and fp32 elsewhere.
 """
 import functools
 import math
@@ -44,6 +54,11 @@ POLAR_EXPRESS_COEFFS = (
 # The Frobenius normalisation divides by ||X|| * 1.02 + 1e-6: the slack keeps the top singular value
 # safely inside the polynomials' convergence region even after bf16 rounding.
 NORM_SLACK, NORM_EPS = 1.02, 1e-6
+# The 2026-07 recipe equilibrates rows first (a better-conditioned input) and leaves less slack.
+NORM_SLACK_2026_07 = 1.01
+
+# The arithmetic variants the optimizer implements (the module docstring says what each does).
+RECIPES = ("seed", "2026-07")
 
 # AdamW params with fewer elements than this are all-reduced and updated whole on every rank; larger ones
 # are reduce-scattered along dim 0 and their state sharded.
@@ -78,7 +93,35 @@ def adamw_kernel_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     p.sub_((lr / bias1) * exp_avg / denom)
 
 
-def polar_express(u: Tensor, ns_steps: int, dtype: torch.dtype) -> Tensor:
+def adamw_fp32_kernel_(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
+                       beta1: Tensor, beta2: Tensor, eps: Tensor, wd: Tensor) -> None:
+    """The 2026-07 recipe's AdamW: `adamw_kernel_`'s update with the arithmetic in fp32 whatever p's dtype. bf16
+    params and their state are widened, updated and rounded back once, rather than rounding every intermediate
+    to bf16's 8 bits (a second moment's 0.5% step is below its resolution); for fp32 tensors `.float()` is the
+    tensor itself. The last step is rounded as nanochat 92d63d4 rounds it (exp_avg / denom first, then scaled),
+    so that the eager kernel reproduces its steps bit for bit."""
+    p32, m, v = p.float(), exp_avg.float(), exp_avg_sq.float()
+    g = grad.float()
+    p32.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - beta1)
+    v.lerp_(g.square(), 1 - beta2)
+    denom = (v / (1 - beta2 ** step)).sqrt() + eps
+    p32.add_(m / denom, alpha=-(lr / (1 - beta1 ** step)))
+    for t, t32 in zip((p, exp_avg, exp_avg_sq), (p32, m, v)):
+        if t.dtype != torch.float32:
+            t.copy_(t32)
+
+
+def equilibrate_rows(x: Tensor) -> Tensor:
+    """Each matrix of the stack x with every row rescaled to the matrix's root-mean-square row norm (MuonEq,
+    arXiv 2603.28254): same Frobenius norm, better-conditioned spectrum for the polar iteration. The norms are
+    taken in fp32; x keeps its dtype."""
+    x32 = x.float()
+    rms_row = x32.norm(dim=(-2, -1), keepdim=True) / math.sqrt(x.size(-2))
+    return x * (rms_row / x32.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(x.dtype)
+
+
+def polar_express(u: Tensor, ns_steps: int, dtype: torch.dtype, slack: float = NORM_SLACK) -> Tensor:
     """Approximate the orthogonal polar factor of each matrix of the stack `u` (..., rows, cols) in `dtype`.
 
     Contract: the singular values of the result lie in roughly [0.7, 1.2] whatever u's spectrum (the
@@ -86,7 +129,7 @@ def polar_express(u: Tensor, ns_steps: int, dtype: torch.dtype) -> Tensor:
     square ones on XXᵀ, so the cost is in the smaller dimension.
     """
     x = u.to(dtype)
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * NORM_SLACK + NORM_EPS)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * slack + NORM_EPS)
     tall = u.size(-2) > u.size(-1)
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
         if tall:
@@ -100,18 +143,26 @@ def polar_express(u: Tensor, ns_steps: int, dtype: torch.dtype) -> Tensor:
 
 def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum_buffer: Tensor,
                  momentum: Tensor, lr: Tensor, wd: Tensor, beta2: Tensor, ns_steps: int,
-                 ortho_dtype: torch.dtype) -> None:
+                 ortho_dtype: torch.dtype, recipe: str = "seed") -> None:
     """One Muon update of the stacked `params` (K, rows, cols) in place. `grads` is a scratch stack
     (overwritten); the two buffers are this stack's state, (K, rows, cols) and (K, rows, 1) or (K, 1, cols).
 
-    `lr` is already the effective lr (group lr × sqrt(max(1, rows/cols))).
+    `lr` is already the effective lr (group lr × sqrt(max(1, rows/cols))). `recipe` picks step 2 (RECIPES).
     """
     # 1. Nesterov momentum by lerp: buf ← lerp(buf, g, 1-μ); u = lerp(g, buf, μ) = (1-μ)g + μ·buf.
     mu = momentum.to(grads.dtype)
     momentum_buffer.lerp_(grads, 1 - mu)
     u = grads.lerp_(momentum_buffer, mu)
-    # 2. Orthogonalise. g stays in ortho_dtype from here on, and so do beta2/lr/wd (the reference's quirk, kept).
-    g = polar_express(u, ns_steps, ortho_dtype)
+    if recipe == "seed":
+        # 2. Orthogonalise. g stays in ortho_dtype from here on, and so do beta2/lr/wd (the reference's quirk, kept).
+        g = polar_express(u, ns_steps, ortho_dtype)
+    else:
+        # 2. (2026-07) Equilibrate rows, orthogonalise, back to the param dtype; then set the Frobenius norm to
+        # sqrt(min(rows, cols)), an exact semi-orthogonal matrix's, undoing the iteration's under-convergence (Muon+).
+        g = polar_express(equilibrate_rows(u.to(ortho_dtype)), ns_steps, ortho_dtype, NORM_SLACK_2026_07)
+        g = g.to(params.dtype)
+        norm = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        g = g * (math.sqrt(min(g.size(-2), g.size(-1))) / norm).to(g.dtype)
     beta2, lr, wd = beta2.to(g.dtype), lr.to(g.dtype), wd.to(g.dtype)
     # 3. NorMuon variance reduction: per-row (tall/square) or per-column (wide) running mean of g², no bias
     # correction; rescale rows/columns by its inverse RMS, then restore each matrix's Frobenius norm.
@@ -122,16 +173,22 @@ def muon_kernel_(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_
     second_momentum_buffer.lerp_(v_mean.to(second_momentum_buffer.dtype), 1 - beta2)
     step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
     v_norm_new = (v_mean * n * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    g = g * (step_size * v_norm / v_norm_new.clamp_min(1e-10)).to(g.dtype)
+    if recipe == "seed":
+        scale = step_size * v_norm / v_norm_new.clamp_min(1e-10)
+    else:  # the ratio first, as nanochat 92d63d4 rounds it (eager kernels then reproduce its steps bit for bit)
+        scale = step_size * (v_norm / v_norm_new.clamp_min(1e-10))
+    g = g * scale.to(g.dtype)
     # 4. Cautious weight decay: decay only where the update and the weight agree in sign (or one is 0).
     mask = (g * params) >= 0
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-def default_ortho_dtype(device: torch.device | str, compiled: bool | None = None) -> torch.dtype:
+def default_ortho_dtype(device: torch.device | str, compiled: bool | None = None,
+                        recipe: str = "seed") -> torch.dtype:
     """The Polar Express dtype `ortho_dtype=None` picks: the reference's bf16 where its arithmetic can be had,
     i.e. the kernels are compiled (`compiled`; None: as COMPILE_KERNELS) and bf16 matmuls are native (CUDA; CPUs
-    with `cpu_has_native_bf16()`); fp32 elsewhere.
+    with `cpu_has_native_bf16()`; for the 2026-07 recipe CUDA only, since that reference computes, and so
+    orthogonalises, in fp32 on a CPU); fp32 elsewhere.
 
     Eager bf16 is neither the reference's arithmetic nor close to it: against the reference's trajectory it
     drifts further than eager fp32 does; and where bf16 is emulated it costs most of a step. Pass `ortho_dtype`
@@ -139,7 +196,7 @@ def default_ortho_dtype(device: torch.device | str, compiled: bool | None = None
     """
     kind = torch.device(device).type
     compiled = COMPILE_KERNELS.get(kind, False) if compiled is None else compiled
-    native = kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16())
+    native = kind == "cuda" or (kind == "cpu" and recipe == "seed" and cpu_has_native_bf16())
     return torch.bfloat16 if native and compiled else torch.float32
 
 
@@ -166,12 +223,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 @functools.cache
-def _kernels(device_type: str, compiled: bool | None = None):
-    """(adamw, muon) kernels for a device type: compiled if `compiled` (None: as COMPILE_KERNELS), else eager."""
+def _kernels(device_type: str, compiled: bool | None = None, recipe: str = "seed"):
+    """(adamw, muon) kernels for a device type and recipe: compiled if `compiled` (None: as COMPILE_KERNELS), else
+    eager. The muon kernel takes the recipe as its last argument."""
+    adamw = adamw_kernel_ if recipe == "seed" else adamw_fp32_kernel_
     if compiled if compiled is not None else COMPILE_KERNELS.get(device_type, False):
         compile_ = functools.partial(torch.compile, dynamic=False, fullgraph=True)
-        return compile_(adamw_kernel_), compile_(muon_kernel_)
-    return adamw_kernel_, muon_kernel_
+        return compile_(adamw), compile_(muon_kernel_)
+    return adamw, muon_kernel_
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -183,18 +242,23 @@ class MuonAdamW(torch.optim.Optimizer):
     `ortho_dtype`: dtype of the Polar Express iteration. None picks with `default_ortho_dtype` (bf16, the
     reference's behaviour, where the kernels are compiled and bf16 matmuls are native; fp32 otherwise); torch.bfloat16 or
     torch.float32 forces one. `compile_kernels`: torch.compile the two kernels (None: as COMPILE_KERNELS).
+    `recipe`: "seed" or "2026-07", the arithmetic of both updates (module docstring); the state is the same.
     Muon state lives on each group's first param: momentum_buffer (K, rows, cols) in the param dtype and
     second_momentum_buffer (K, rows, 1) if rows >= cols else (K, 1, cols) in fp32. AdamW state per param:
     step (int), exp_avg, exp_avg_sq in the param dtype, created on the first step that has a gradient.
     """
 
-    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None, compile_kernels: bool | None = None):
+    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None, compile_kernels: bool | None = None,
+                 recipe: str = "seed"):
         super().__init__(param_groups, defaults={})
         if ortho_dtype not in (None, torch.bfloat16, torch.float32):
             raise ValueError(f"ortho_dtype={ortho_dtype} is not supported: pass None (per device, see "
                              "default_ortho_dtype), torch.bfloat16 or torch.float32")
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe={recipe!r} is unknown: the optimizer implements {list(RECIPES)}")
         self.ortho_dtype = ortho_dtype
         self.compile_kernels = compile_kernels
+        self.recipe = recipe
         for group in self.param_groups:
             _validate_group(group)
         # 0-d fp32 CPU hyperparameter tensors, refilled each step: changing values never recompile.
@@ -210,7 +274,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def ortho_dtype_for(self, device: torch.device) -> torch.dtype:
         """The Polar Express dtype of parameters on `device`: the one asked for, else per device and kernels."""
-        return self.ortho_dtype if self.ortho_dtype is not None else default_ortho_dtype(device, self.compile_kernels)
+        if self.ortho_dtype is not None:
+            return self.ortho_dtype
+        return default_ortho_dtype(device, self.compile_kernels, self.recipe)
 
     def _adamw_update(self, group: dict, p: Tensor, grad: Tensor, state: dict, p_view: Tensor) -> None:
         """AdamW on `p_view` (p itself, or this rank's dim-0 slice of it) with state held in `state`."""
@@ -226,7 +292,7 @@ class MuonAdamW(torch.optim.Optimizer):
         hp["beta2"].fill_(group["betas"][1])
         hp["eps"].fill_(group["eps"])
         hp["wd"].fill_(group["weight_decay"])
-        adamw, _ = _kernels(p.device.type, self.compile_kernels)
+        adamw, _ = _kernels(p.device.type, self.compile_kernels, self.recipe)
         adamw(p_view, grad, state["exp_avg"], state["exp_avg_sq"], hp["step"], hp["lr"], hp["beta1"],
               hp["beta2"], hp["eps"], hp["wd"])
 
@@ -245,10 +311,10 @@ class MuonAdamW(torch.optim.Optimizer):
         hp["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))  # tall matrices get a larger step
         hp["wd"].fill_(group["weight_decay"])
         hp["beta2"].fill_(group["beta2"])
-        _, muon = _kernels(params.device.type, self.compile_kernels)
+        _, muon = _kernels(params.device.type, self.compile_kernels, self.recipe)
         muon(grads, params, state["momentum_buffer"][:k], state["second_momentum_buffer"][:k],
              hp["momentum"], hp["lr"], hp["wd"], hp["beta2"], group["ns_steps"],
-             self.ortho_dtype_for(params.device))
+             self.ortho_dtype_for(params.device), self.recipe)
 
     # -- the step --
 
@@ -363,12 +429,13 @@ class DistMuonAdamW(MuonAdamW):
     A state dict is this rank's shard: valid only for the same world size and groups.
     """
 
-    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None, compile_kernels: bool | None = None):
+    def __init__(self, param_groups, ortho_dtype: torch.dtype | None = None, compile_kernels: bool | None = None,
+                 recipe: str = "seed"):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistMuonAdamW needs an initialised default process group "
                                "(torch.distributed.init_process_group); use MuonAdamW for one process")
         self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        super().__init__(param_groups, ortho_dtype, compile_kernels)
+        super().__init__(param_groups, ortho_dtype, compile_kernels, recipe)
 
     def _expected_state_shapes(self, group: dict) -> list[tuple[Tensor, str, tuple]]:
         params = group["params"]

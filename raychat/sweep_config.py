@@ -304,7 +304,7 @@ def parse_sweep(data, path: str, text: str = "", overrides: dict | None = None) 
         if not isinstance(args, list) or not args:
             chk.fail(keys, f"{dist} needs a non-empty list, got {args!r}")
         if dist in ("loguniform", "uniform"):
-            if _FIELDS[flag].type is not float:
+            if _FIELDS[flag].type not in (float, float | None):
                 chk.fail(keys, f"{dist} samples real numbers but --{flag.replace('_', '-')} is not a float flag; "
                                "use choice or grid")
             if len(args) != 2 or any(as_number(a) is None for a in args):

@@ -15,7 +15,7 @@ import time
 import torch
 
 from raychat.common import cli_parser, get_base_dir, run_cli
-from raychat.data.shards import default_data_dir, iter_texts, split_shards
+from raychat.data.shards import DEFAULT_SOURCE, SOURCES, default_data_dir, iter_texts, split_shards
 from raychat.tokenizer import Tokenizer, iter_cropped
 
 # Mixed scripts, digits, whitespace runs, an emoji and special-token text: must come back byte-identical.
@@ -27,7 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     p.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size including the 9 special tokens")
-    p.add_argument("--data-dir", default=None, help="shard directory or URI (default <base>/base_data)")
+    p.add_argument("--data-dir", default=None, help="shard directory or URI (default: --source's directory)")
+    p.add_argument("--source", default=DEFAULT_SOURCE, choices=list(SOURCES),
+                   help="whose shards when --data-dir is not given: <base>/base_data (fineweb-edu, the seed recipe's) "
+                        "or <base>/base_data_climbmix (climbmix, --recipe 2026-07's)")
     p.add_argument("--base-dir", default=None, help="base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)")
     p.add_argument("--token-bytes-quirk", action="store_true",
                    help="write the reference's 07c4dd4 token_bytes (U+FFFD counted as 3 bytes), to compare bpb "
@@ -45,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    data_dir = args.data_dir or default_data_dir(args.base_dir, create=not args.dry_run)
+    data_dir = args.data_dir or default_data_dir(args.base_dir, create=not args.dry_run, source=args.source)
     out_dir = os.path.join(get_base_dir(args.base_dir, create=not args.dry_run), "tokenizer")
     print(f"max_chars={args.max_chars:,} doc_cap={args.doc_cap:,} vocab_size={args.vocab_size:,} "
           f"token_bytes_quirk={args.token_bytes_quirk}\ndata_dir={data_dir}\noutput={out_dir}", flush=True)

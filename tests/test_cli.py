@@ -6,11 +6,16 @@ import pytest
 
 from raychat.config import TrainConfig, build_parser, coerce, parse_args
 
-# Every option with its default and kind: nanochat's base_train flags first, then raychat's own. A rename, a new
-# flag, a changed default or a changed type must be a deliberate edit here.
+# Every option with its default (as resolved by the default recipe, seed) and kind: nanochat's base_train flags
+# first, then raychat's own. A rename, a new flag, a changed default or a changed type must be a deliberate edit
+# here. Kinds ending in "?" left unset take their value from --recipe.
 SURFACE = {
+    "--recipe": ("seed", "str"),
     "--run": ("dummy", "str"),
     "--device-type": ("", "str"),
+    "--compute-dtype": ("auto", "str"),
+    "--fp8": (False, "bool"),
+    "--fp8-recipe": ("tensorwise", "str"),
     "--depth": (20, "int"),
     "--aspect-ratio": (64, "int"),
     "--head-dim": (128, "int"),
@@ -18,22 +23,23 @@ SURFACE = {
     "--window-pattern": ("SSSL", "str"),
     "--num-iterations": (-1, "int"),
     "--target-flops": (-1.0, "float"),
-    "--target-param-data-ratio": (10.5, "float"),
+    "--target-param-data-ratio": (10.5, "float?"),
     "--device-batch-size": (32, "int"),
-    "--total-batch-size": (524288, "int"),
+    "--total-batch-size": (524288, "int?"),
     "--embedding-lr": (0.3, "float"),
-    "--unembedding-lr": (0.004, "float"),
-    "--weight-decay": (0.2, "float"),
+    "--unembedding-lr": (0.004, "float?"),
+    "--weight-decay": (0.2, "float?"),
     "--matrix-lr": (0.02, "float"),
     "--scalar-lr": (0.5, "float"),
-    "--adam-beta1": (0.8, "float"),
-    "--adam-beta2": (0.95, "float"),
-    "--warmup-ratio": (0.0, "float"),
-    "--warmdown-ratio": (0.5, "float"),
-    "--final-lr-frac": (0.0, "float"),
+    "--adam-beta1": (0.8, "float?"),
+    "--adam-beta2": (0.95, "float?"),
+    "--warmup-ratio": (0.0, "float?"),
+    "--warmup-steps": (-1, "int?"),
+    "--warmdown-ratio": (0.5, "float?"),
+    "--final-lr-frac": (0.0, "float?"),
     "--resume-from-step": (-1, "int"),
     "--eval-every": (250, "int"),
-    "--eval-tokens": (10485760, "int"),
+    "--eval-tokens": (10485760, "int?"),
     "--core-metric-every": (2000, "int"),
     "--core-metric-max-per-task": (500, "int"),
     "--sample-every": (2000, "int"),
@@ -69,6 +75,7 @@ KINDS = {
     "int": (int, [("7", 7), ("-3", -3)], ("1.5", "invalid int value: '1.5'")),
     "int?": (int | None, [("7", 7), ("none", None), ("", None)], ("x", "invalid int value: 'x'")),
     "float": (float, [("1e-3", 0.001), ("2", 2.0)], ("x", "invalid float value: 'x'")),
+    "float?": (float | None, [("1e-3", 0.001), ("none", None)], ("x", "invalid float value: 'x'")),
     "str": (str, [("none", "none"), ("", "")], None),
     "str?": (str | None, [("none", "none"), ("a b", "a b")], None),  # typed text is kept; only unset is None
     "workers": (int, [("3", 3), ("2:4", (2, 4))], ("two", "'two' is not a worker count N or an elastic range MIN:MAX")),
@@ -81,7 +88,7 @@ def options():
 
 def test_options_and_defaults_are_the_frozen_surface():
     assert set(options()) == set(SURFACE)
-    defaults = vars(build_parser().parse_args([]))
+    defaults = {f.name: getattr(parse_args([]), f.name) for f in dataclasses.fields(TrainConfig) if f.name != "min_workers"}
     assert {"--" + k.replace("_", "-"): v for k, v in defaults.items()} == {k: d for k, (d, _) in SURFACE.items()}
     assert all(type(defaults[o[2:].replace("-", "_")]) is type(d) for o, (d, _) in SURFACE.items())
 

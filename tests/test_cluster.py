@@ -411,6 +411,7 @@ def _dry_run_sandbox(root, data_dir, tok_dir):
     and the checkout's tune_configs (linked: the docs name them relative to the repository root)."""
     for base in ("home", "example", os.path.join("bucket", "raychat")):
         shutil.copytree(data_dir, os.path.join(root, base, "base_data"))
+        shutil.copytree(data_dir, os.path.join(root, base, "base_data_climbmix"))  # --recipe 2026-07's default
         shutil.copytree(tok_dir, os.path.join(root, base, "tokenizer"))
     shutil.copytree(data_dir, os.path.join(root, "data"))
     os.symlink(os.path.join(ROOT, "tune_configs"), os.path.join(root, "tune_configs"))

@@ -74,11 +74,11 @@ def test_lr_schedule_uses_round_half_even_and_never_reaches_zero():
     n = 8715
     warmdown = round(0.5 * n)
     assert warmdown == 4358
-    assert lr_multiplier(n - warmdown, n, 0.0, 0.5, 0.0) == 1.0
-    assert lr_multiplier(n - 1, n, 0.0, 0.5, 0.0) == pytest.approx(1 / warmdown)
-    assert lr_multiplier(n - 1, n, 0.0, 0.5, 0.1) == pytest.approx(1 / warmdown + (1 - 1 / warmdown) * 0.1)
-    assert lr_multiplier(0, 100, 0.1, 0.5, 0.0) == pytest.approx(0.1)
-    assert lr_multiplier(9, 100, 0.1, 0.5, 0.0) == 1.0
+    assert lr_multiplier(n - warmdown, n, 0, 0.5, 0.0) == 1.0
+    assert lr_multiplier(n - 1, n, 0, 0.5, 0.0) == pytest.approx(1 / warmdown)
+    assert lr_multiplier(n - 1, n, 0, 0.5, 0.1) == pytest.approx(1 / warmdown + (1 - 1 / warmdown) * 0.1)
+    assert lr_multiplier(0, 100, 10, 0.5, 0.0) == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, 10, 0.5, 0.0) == 1.0
 
 
 def test_muon_momentum_and_weight_decay_schedules():

@@ -1,4 +1,5 @@
-"""Shards (docs/REFERENCE.md §8): listing, the val rule, validation, row groups, download (local HTTP) and prepare."""
+"""Shards (docs/REFERENCE.md §8): listing, the val rule, validation, row groups, download (local HTTP) of
+FineWeb-Edu and ClimbMix, and prepare."""
 import http.server
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 
 from raychat import storage
 from raychat.data import __main__ as data_cli
-from raychat.data.shards import (NUM_SHARDS, ShardError, download, download_indices, iter_texts, list_parquet,
+from raychat.data.shards import (SOURCES, ShardError, download, download_indices, iter_texts, list_parquet,
                                  num_row_groups, open_shard, prepare, read_row_group_texts,
                                  row_group_texts, source_files, split_shards, validate_shard)
 
@@ -108,7 +109,7 @@ class ShardServer:
     "garbage" (a 200 with bytes that are not parquet), 404."""
 
     def __init__(self, root):
-        self.root, self.behaviour, self.requests = root, {}, {}
+        self.root, self.behaviour, self.requests, self.paths = root, {}, {}, []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -116,10 +117,11 @@ class ShardServer:
                 pass
 
             def do_GET(self):
-                m = re.fullmatch(r"/shard_(\d{5})\.parquet", self.path)
+                m = re.fullmatch(r"(?:/[\w.-]+)*/shard_(\d{5})\.parquet", self.path)
                 index = int(m.group(1)) if m else -1
                 with threading.Lock():
                     n = server.requests[index] = server.requests.get(index, 0) + 1
+                    server.paths.append(self.path)
                 mode = server.behaviour.get(index)
                 if mode == 404 or not m:
                     self.send_error(404)
@@ -140,7 +142,8 @@ class ShardServer:
                 self.wfile.write(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/shard_{{i:05d}}.parquet"
+        self.root_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"{self.root_url}/shard_{{i:05d}}.parquet"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
         self.thread.start()
@@ -173,7 +176,7 @@ def fetch(server, data_dir, n=3, **kw):
 
 def test_download_indices():
     assert download_indices(3) == [0, 1, 2, 1822]
-    assert download_indices(-1) == list(range(NUM_SHARDS)) == download_indices(5000)
+    assert download_indices(-1) == list(range(1823)) == download_indices(5000)
     with pytest.raises(ValueError, match="num_shards=0"):
         download_indices(0)
 
@@ -219,11 +222,92 @@ def test_download_404_is_clear_and_not_retried(server, tmp_path, capsys):
 
 def test_download_dry_run(tmp_path, capsys):
     assert data_cli.main(["download", "-n", "2", "--data-dir", str(tmp_path / "d"), "--dry-run"]) == 0
-    assert "download 3 shards" in capsys.readouterr().out and not os.path.exists(tmp_path / "d")
+    assert "download 3 fineweb-edu shards (train 0..1 + val 1822)" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "d")
+    assert data_cli.main(["download", "-n", "2", "--source", "climbmix", "--base-dir", str(tmp_path / "b"),
+                          "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{SOURCES['climbmix'].base_url}\nto {tmp_path / 'b' / 'base_data_climbmix'}" in out
+    assert "download 3 climbmix shards (train 0..1 + val 6542)" in out and not os.path.exists(tmp_path / "b")
     with pytest.raises(SystemExit):
         data_cli.main(["download", "-n", "0", "--dry-run"])
     with pytest.raises(SystemExit):
         data_cli.main(["download", "--base-url", "http://x/no-index.parquet", "--dry-run"])
+
+
+
+# ---- ClimbMix: the 2026-07 recipe's data ------------------------------------------------------------------
+
+def peer_split(data_dir):
+    """nanochat's own rule, stated independently: every .parquet in the folder sorted, the last one is val."""
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet"))
+    return names[:-1], names[-1]
+
+
+def test_download_indices_per_source():
+    assert download_indices(3, "climbmix") == [0, 1, 2, 6542]
+    assert download_indices(-1, "climbmix") == list(range(6543)) == download_indices(10_000, "climbmix")
+    assert download_indices(6542, "climbmix") == list(range(6543))  # -n counts train shards: 6542 of them
+    assert download_indices(3, "fineweb-edu") == download_indices(3) == [0, 1, 2, 1822]
+    with pytest.raises(ValueError, match="source='fineweb'.*fineweb-edu, climbmix"):
+        download_indices(3, "fineweb")
+
+
+def test_climbmix_download_from_a_local_mirror(server, tmp_path, capsys):
+    """The CLI with --source climbmix against a local copy of the real URL's layout: n train shards plus shard
+    6542, in <base>/base_data_climbmix, with a progress bar; the folder splits as nanochat's loader splits it."""
+    base = tmp_path / "base"
+    mirror = SOURCES["climbmix"].base_url.replace("https://huggingface.co", server.root_url)
+    assert mirror.startswith("http://127.0.0.1:")
+    rc = data_cli.main(["download", "--source", "climbmix", "-n", "3", "-w", "2", "--base-dir", str(base),
+                        "--base-url", mirror])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    data = base / "base_data_climbmix"
+    assert f"download 4 climbmix shards (train 0..2 + val 6542) with 2 workers\nfrom {mirror}\nto {data}" in out
+    assert "Done! Downloaded: 4/4 shards" in out
+    assert re.search(r"shards: 100%.*\| 4/4 ", err), err  # tqdm's bar on stderr
+    assert sorted(server.paths) == [f"/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_{i:05d}.parquet"
+                                    for i in (0, 1, 2, 6542)]
+    assert sorted(os.listdir(base)) == ["base_data_climbmix"]
+    assert sorted(os.listdir(data)) == [f"shard_{i:05d}.parquet" for i in (0, 1, 2, 6542)]
+    train, val = split_shards(str(data))
+    assert ([os.path.basename(f) for f in train], os.path.basename(val)) == peer_split(data)
+    assert os.path.basename(val) == "shard_06542.parquet" and len(train) == 3
+    assert {t.split(" doc ")[0] for t in iter_texts(train)} == {"shard 0", "shard 1", "shard 2"}
+    assert read_row_group_texts(val, 0)[0] == "shard 6542 doc 0"
+
+
+def test_climbmix_val_shard_is_validated_and_never_replaced_by_a_train_shard(server, tmp_path):
+    """A val shard that fails validation is deleted; the folder then has no val (shard_00002 is not taken for it,
+    as nanochat would) until a rerun fetches just the missing file."""
+    server.behaviour = {6542: "garbage"}
+    data = tmp_path / "climbmix"
+    summary = fetch(server, data, max_attempts=2, source="climbmix")
+    assert summary.fetched == [0, 1, 2] and list(summary.failed) == [6542]
+    assert "not a readable parquet" in summary.failed[6542] and server.requests[6542] == 2
+    assert sorted(os.listdir(data)) == [f"shard_{i:05d}.parquet" for i in (0, 1, 2)]
+    with pytest.raises(ShardError, match="no validation shard.*shard_06542.parquet \\(climbmix\\).*highest-numbered "
+                                         "being shard_00002"):
+        split_shards(str(data))
+    server.behaviour = {}
+    again = fetch(server, data, source="climbmix")
+    assert again.skipped == [0, 1, 2] and again.fetched == [6542]
+    assert os.path.basename(split_shards(str(data))[1]) == "shard_06542.parquet"
+
+
+def test_split_a_large_climbmix_download(tmp_path):
+    """Past 1822 train shards a ClimbMix folder holds FineWeb-Edu's val shard number as a train shard: the highest
+    number decides (names only: the split reads no file)."""
+    for i in (0, 1821, 1822, 1823, 6542):
+        (tmp_path / f"shard_{i:05d}.parquet").touch()
+    train, val = split_shards(str(tmp_path))
+    assert os.path.basename(val) == "shard_06542.parquet" and len(train) == 4
+    assert ([os.path.basename(f) for f in train], os.path.basename(val)) == peer_split(tmp_path)
+    os.remove(tmp_path / "shard_06542.parquet")  # its val shard failed to download
+    with pytest.raises(ShardError, match="highest-numbered being shard_01823"):
+        split_shards(str(tmp_path))
+    assert data_cli.parse_args(["download"]).source == "fineweb-edu"  # the seed recipe's data stays the default
 
 
 # ---- prepare ------------------------------------------------------------------------------------------

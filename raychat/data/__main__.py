@@ -1,6 +1,7 @@
-"""`python -m raychat.data {download,prepare}`: fetch FineWeb-Edu shards, or turn local text into shards.
+"""`python -m raychat.data {download,prepare}`: fetch FineWeb-Edu or ClimbMix shards, or turn local text into shards.
 
-    python -m raychat.data download -n 8 -w 4          # shards 0..7 plus the val shard 1822
+    python -m raychat.data download -n 8 -w 4          # FineWeb-Edu shards 0..7 plus the val shard 1822
+    python -m raychat.data download -n 8 --source climbmix  # ClimbMix 0..7 + val 6542, in <base>/base_data_climbmix
     python -m raychat.data prepare --from stdlib       # offline: the Python stdlib sources as a corpus
     python -m raychat.data prepare --from my_corpus/ --out /tmp/my_shards  # .txt/.jsonl/.parquet files
 """
@@ -15,13 +16,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli_parser("raychat.data", __doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("download", formatter_class=HelpFormatter, help="download FineWeb-Edu shards (always includes the val shard)")
+    fineweb, climbmix = shards.SOURCES["fineweb-edu"], shards.SOURCES["climbmix"]
+    d = sub.add_parser("download", formatter_class=HelpFormatter,
+                       help="download FineWeb-Edu or ClimbMix shards (always includes the val shard)")
+    d.add_argument("--source", choices=list(shards.SOURCES), default=shards.DEFAULT_SOURCE,
+                   help=f"dataset: fineweb-edu (default; {fineweb.num_shards} shards, the seed recipe's data) or "
+                        f"climbmix ({climbmix.num_shards} shards, the data the 2026-07 recipe trains on)")
     d.add_argument("-n", "--num-shards", type=int, default=-1,
-                   help=f"download shards 0..N-1 plus the val shard {shards.VAL_SHARD_INDEX} "
-                        f"(-1 = all {shards.NUM_SHARDS})")
+                   help=f"download train shards 0..N-1, and always the source's last shard, its val shard "
+                        f"({fineweb.val_index} or {climbmix.val_index}); -1 = all")
     d.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    d.add_argument("--data-dir", default=None, help="destination directory or URI (default <base>/base_data)")
-    d.add_argument("--base-url", default=shards.BASE_URL, help="URL pattern with {i:05d} for the shard index")
+    d.add_argument("--data-dir", default=None,
+                   help=f"destination directory or URI (default <base>/{fineweb.subdir} for fineweb-edu, "
+                        f"<base>/{climbmix.subdir} for climbmix)")
+    d.add_argument("--base-url", default=None,
+                   help="URL pattern with {i:05d} for the shard index (default: the source's on Hugging Face)")
     d.add_argument("--base-dir", default=None, help="base directory (default $RAYCHAT_BASE_DIR or ~/.cache/raychat)")
     d.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
 
@@ -45,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.workers < 1:
             p.error(f"--workers={args.workers} must be >= 1")
         if args.num_shards == 0 or args.num_shards < -1:
-            p.error(f"-n={args.num_shards}: ask for at least 1 shard, or -1 for all {shards.NUM_SHARDS}")
+            p.error(f"-n={args.num_shards}: ask for at least 1 shard, or -1 for all of them")
+        args.base_url = args.base_url or shards.SOURCES[args.source].base_url
         if "{i" not in args.base_url:
             p.error(f"--base-url={args.base_url!r} needs '{{i:05d}}' where the shard index goes")
     else:
@@ -61,14 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "download":
-        data_dir = args.data_dir or shards.default_data_dir(args.base_dir, create=not args.dry_run)
-        indices = shards.download_indices(args.num_shards)
-        print(f"download {len(indices)} shards ({indices[0]}..{indices[-2] if len(indices) > 1 else indices[0]} "
-              f"+ val {shards.VAL_SHARD_INDEX}) with {args.workers} workers\nfrom {args.base_url}\nto {data_dir}",
-              flush=True)
+        data_dir = args.data_dir or shards.default_data_dir(args.base_dir, create=not args.dry_run,
+                                                            source=args.source)
+        indices = shards.download_indices(args.num_shards, args.source)
+        print(f"download {len(indices)} {args.source} shards (train 0..{indices[-2]} + val {indices[-1]}) with "
+              f"{args.workers} workers\nfrom {args.base_url}\nto {data_dir}", flush=True)
         if args.dry_run:
             return 0
-        summary = shards.download(args.num_shards, workers=args.workers, data_dir=data_dir, base_url=args.base_url)
+        summary = shards.download(args.num_shards, workers=args.workers, data_dir=data_dir, base_url=args.base_url,
+                                  source=args.source)
         return 1 if summary.failed else 0
 
     out = args.out or shards.default_data_dir(args.base_dir, create=not args.dry_run)

@@ -5,12 +5,18 @@ default) 1024 documents: the format of the reference's FineWeb-Edu repackaging, 
 for local text. A data directory may be a local path, a mounted shared filesystem, `file://`, `s3://` or
 `gs://`: every read goes through `pyarrow.fs` (`raychat.storage.filesystem`).
 
+Sources. `download` fetches one of two repackagings, each into its own directory: FineWeb-Edu (1823
+shards, `<base>/base_data`, what the seed recipe trains on) or ClimbMix (6543 shards,
+`<base>/base_data_climbmix`, the 2026-07 recipe's data and the same folder nanochat 92d63d4 reads). In
+both the last shard is the validation shard, and `download -n N` fetches train shards 0..N-1 plus it.
+
 Split rule (changes the reference's rule on purpose). The reference takes the file that sorts last
 *locally* as val, so after `-n 8` val is shard_00007 and after `-n 370` it is shard_00369: the train/val
 membership depends on how much was downloaded. Here
 
-- val is `val.parquet` if the directory has one (what `prepare` writes), else `shard_01822.parquet`,
-  FineWeb-Edu's final shard, which `download` always fetches (as nanochat HEAD pins its val shard);
+- val is `val.parquet` if the directory has one (what `prepare` writes), else the highest-numbered
+  `shard_NNNNN.parquet`, which must be a source's last shard (shard_01822 for FineWeb-Edu, shard_06542 for
+  ClimbMix): `download` always fetches it, as nanochat 92d63d4 pins its val shard;
 - train is every other `.parquet` file, sorted by name (`.tmp` partials never count).
 
 So val bpb is measured on the same documents however many shards a machine holds.
@@ -35,11 +41,28 @@ import pyarrow.parquet as pq
 from raychat import storage
 from raychat.common import get_base_dir
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet"
-NUM_SHARDS = 1823  # shard_00000 .. shard_01822
-VAL_SHARD_INDEX = NUM_SHARDS - 1
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset `download` can fetch: shards shard_00000 .. shard_{num_shards-1}, the last one held out."""
+    name: str
+    base_url: str  # with {i:05d} where the shard index goes
+    num_shards: int
+    subdir: str  # its default directory under <base>
+
+    @property
+    def val_index(self) -> int:
+        return self.num_shards - 1
+
+
+_HF = "https://huggingface.co/datasets/karpathy"
+SOURCES = {s.name: s for s in (
+    Source("fineweb-edu", f"{_HF}/fineweb-edu-100b-shuffle/resolve/main/shard_{{i:05d}}.parquet", 1823, "base_data"),
+    Source("climbmix", f"{_HF}/climbmix-400b-shuffle/resolve/main/shard_{{i:05d}}.parquet", 6543,
+           "base_data_climbmix"),
+)}
+DEFAULT_SOURCE = "fineweb-edu"  # the seed recipe's data
 VAL_FILE = "val.parquet"
-DATA_SUBDIR = "base_data"
 CHUNK_BYTES = 1024 * 1024
 TEXT_COLUMN = "text"
 
@@ -48,14 +71,24 @@ class ShardError(ValueError):
     """A shard file or a data directory that cannot be used; the message names the file and the fix."""
 
 
+def get_source(name: str) -> Source:
+    if name not in SOURCES:
+        raise ValueError(f"source={name!r}: choose one of {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
 
-def default_data_dir(base_dir: str | None = None, create: bool = True) -> str:
-    """`<base>/base_data`, the reference's layout; `create=False` (a dry run) makes no directory."""
+_SHARD_NAME = re.compile(r"shard_(\d{5})\.parquet")
+
+
+def default_data_dir(base_dir: str | None = None, create: bool = True, source: str = DEFAULT_SOURCE) -> str:
+    """`<base>/base_data` (FineWeb-Edu) or `<base>/base_data_climbmix`, the reference's layouts;
+    `create=False` (a dry run) makes no directory."""
     base = get_base_dir(base_dir, create=create)
-    return storage.join(base, DATA_SUBDIR)
+    return storage.join(base, get_source(source).subdir)
 
 
 # ---- storage ------------------------------------------------------------------------------------------
@@ -83,11 +116,18 @@ def split_shards(data_dir: str) -> tuple[list[str], str]:
     """(train_files, val_file) of `data_dir` by the rule in the module docstring."""
     files = list_parquet(data_dir)
     by_name = {_basename(f): f for f in files}
-    val = by_name.get(VAL_FILE) or by_name.get(shard_name(VAL_SHARD_INDEX))
+    # Only the highest number tells a source's val shard from a train shard: a ClimbMix download of 1823+
+    # train shards holds shard_01822 too, and if its val shard failed, 01822 must not pass for val.
+    indices = sorted(int(m.group(1)) for n in by_name if (m := _SHARD_NAME.fullmatch(n)))
+    pinned = shard_name(indices[-1]) if indices and indices[-1] in {s.val_index for s in SOURCES.values()} else None
+    val = by_name.get(VAL_FILE) or by_name.get(pinned)
     if val is None:
+        last = " or ".join(f"{shard_name(s.val_index)} ({s.name})" for s in SOURCES.values())
+        highest = f", the highest-numbered being {shard_name(indices[-1])}" if indices else ""
         raise ShardError(f"{data_dir} has no validation shard: it needs {VAL_FILE} (written by `python -m "
-                         f"raychat.data prepare`) or {shard_name(VAL_SHARD_INDEX)} (fetched by every `python -m "
-                         f"raychat.data download -n N`); it holds {len(files)} .parquet files")
+                         f"raychat.data prepare`) or, as its highest-numbered shard, {last}, which every "
+                         f"`python -m raychat.data download -n N` fetches; it holds {len(files)} .parquet "
+                         f"files{highest}")
     train = [f for f in files if f != val]
     if not train:
         raise ShardError(f"{data_dir} has a validation shard but no training shard: download some with "
@@ -177,17 +217,18 @@ class _NotFound(Exception):
     """HTTP 404: retrying cannot help."""
 
 
-def download_indices(num_shards: int) -> list[int]:
-    """0 .. num_shards-1 plus the val shard 1822; num_shards = -1 (or more than exist) means all 1823."""
-    if num_shards == -1 or num_shards > NUM_SHARDS:
-        num_shards = NUM_SHARDS
-    if num_shards < 1:
-        raise ValueError(f"num_shards={num_shards}: ask for at least 1 shard (or -1 for all {NUM_SHARDS})")
-    return sorted(set(range(num_shards)) | {VAL_SHARD_INDEX})
+def download_indices(num_shards: int, source: str = DEFAULT_SOURCE) -> list[int]:
+    """Train shards 0 .. num_shards-1 plus the source's val shard (its last: 1822 for FineWeb-Edu, 6542 for
+    ClimbMix); num_shards = -1 (or more than exist) means every shard."""
+    src = get_source(source)
+    if num_shards < 1 and num_shards != -1:
+        raise ValueError(f"num_shards={num_shards}: ask for at least 1 shard (or -1 for all {src.num_shards})")
+    train = src.val_index if num_shards == -1 else min(num_shards, src.val_index)
+    return list(range(train)) + [src.val_index]
 
 
 def _fetch_one(index: int, data_dir: str, base_url: str, max_attempts: int, base_delay: float,
-               timeout: float) -> str:
+               timeout: float, source: Source) -> str:
     """Download one shard to `<name>.tmp`, validate, rename; 'fetched' or 'skipped', else raise."""
     import requests
 
@@ -202,8 +243,8 @@ def _fetch_one(index: int, data_dir: str, base_url: str, max_attempts: int, base
         try:
             with requests.get(url, stream=True, timeout=timeout) as r:
                 if r.status_code == 404:
-                    raise _NotFound(f"{name}: HTTP 404 at {url}; the dataset has shards 0..{NUM_SHARDS - 1}, "
-                                    f"check -n and --base-url")
+                    raise _NotFound(f"{name}: HTTP 404 at {url}; {source.name} has shards "
+                                    f"0..{source.val_index}, check -n, --source and --base-url")
                 r.raise_for_status()
                 with fs.open_output_stream(tmp) as out:
                     for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
@@ -228,10 +269,11 @@ def _remove(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_file(path)
 
 
-def download(num_shards: int, workers: int = 4, data_dir: str | None = None, base_url: str = BASE_URL,
+def download(num_shards: int, workers: int = 4, data_dir: str | None = None, base_url: str | None = None,
              max_attempts: int = 5, base_delay: float = 2.0, timeout: float = 30.0,
-             progress: bool = True) -> DownloadSummary:
-    """Fetch shards 0..num_shards-1 plus the val shard into `data_dir` (default `<base>/base_data`).
+             progress: bool = True, source: str = DEFAULT_SOURCE) -> DownloadSummary:
+    """Fetch train shards 0..num_shards-1 plus the val shard of `source` ("fineweb-edu" or "climbmix") into
+    `data_dir` (default: the source's directory under `<base>`), from `base_url` (default: the source's).
 
     Threads (the work is network-bound); each file is streamed in 1 MB chunks to `<file>.tmp`, checked
     with `validate_shard`, then renamed, so a crash never leaves a partial `.parquet`. Up to `max_attempts`
@@ -239,20 +281,22 @@ def download(num_shards: int, workers: int = 4, data_dir: str | None = None, bas
     """
     from tqdm import tqdm
 
+    src = get_source(source)
+    base_url = base_url or src.base_url
     if workers < 1:
         raise ValueError(f"workers={workers}: use at least 1 download worker")
     if "{i" not in base_url:
         raise ValueError(f"base_url={base_url!r} must contain '{{i:05d}}' where the shard index goes")
-    data_dir = data_dir or default_data_dir()
+    data_dir = data_dir or default_data_dir(source=source)
     fs, root = storage.filesystem(data_dir)
     fs.create_dir(root, recursive=True)
-    indices = download_indices(num_shards)
+    indices = download_indices(num_shards, source)
     summary = DownloadSummary(requested=indices)
     lock = threading.Lock()
 
     def work(i: int) -> None:
         try:
-            outcome = _fetch_one(i, data_dir, base_url, max_attempts, base_delay, timeout)
+            outcome = _fetch_one(i, data_dir, base_url, max_attempts, base_delay, timeout, src)
         except Exception as e:
             with lock:
                 summary.failed[i] = str(e)
