@@ -40,6 +40,7 @@ import time
 
 _OMP_BEFORE = os.environ.get("OMP_NUM_THREADS")
 from bench.bench_train import REPO, prepare_bench_data  # noqa: E402  (it sets the bench env at import)
+from bench import peers
 from bench.machine import cpu_description
 
 if _OMP_BEFORE is None:  # bench_train pins 1 thread per process; here each side sizes its own threads
@@ -50,12 +51,6 @@ VAL_BPB = re.compile(r"Step (\d+) \| Validation bpb: ([\d.]+)")
 # The peers this benchmark knows, and the raychat recipe that trains what each trains. 92d63d4 is told apart by
 # the file it added (nanochat/fp8.py).
 RECIPE_OF_PEER = {"07c4dd4": "seed", "92d63d4": "2026-07"}
-PEER_VENV_HINT = ("python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip install torch==2.13.0 tiktoken "
-                  "rustbpe pyarrow numpy wandb requests filelock psutil tokenizers regex")
-
-
-def peer_version(nanochat_dir: str) -> str:
-    return "92d63d4" if os.path.exists(os.path.join(nanochat_dir, "nanochat", "fp8.py")) else "07c4dd4"
 
 
 def write_peer_layout(data_dir: str, tok_dir: str, base: str, peer: str = "07c4dd4") -> None:
@@ -226,10 +221,7 @@ def describe(name: str, r: dict, tokens: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nanochat-dir", default=os.path.join(REPO, "..", "shared", "peers", "nanochat-07c4dd4"),
-                   help="the peer's checkout: nanochat 07c4dd4 (raychat's seed recipe) or 92d63d4 (raychat --recipe "
-                        "2026-07), told apart by its files")
-    p.add_argument("--peer-python", default="/tmp/nanochat-venv/bin/python", help="python of the reference's own venv")
+    peers.add_arguments(p, "07c4dd4")  # 07c4dd4 runs against the seed recipe, 92d63d4 against --recipe 2026-07
     p.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8])
     p.add_argument("--steps", type=int, default=40, help="steps per run; the median dt of 11..N-1 is timed")
     p.add_argument("--repeats", type=int, default=1, help="interleaved nanochat/raychat pairs per depth")
@@ -258,17 +250,12 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="check the inputs, print the plan, run nothing")
     a = p.parse_args(argv)
     a.nanochat_dir = os.path.abspath(a.nanochat_dir)
-    if not os.path.exists(os.path.join(a.nanochat_dir, "scripts", "base_train.py")):
-        print(f"error: --nanochat-dir {a.nanochat_dir} has no scripts/base_train.py: point it at a nanochat 07c4dd4 "
-              "checkout (../shared/peers/nanochat-07c4dd4 in this project's workspace)", file=sys.stderr)
-        return 2
-    if not os.path.exists(a.peer_python):
-        print(f"error: --peer-python {a.peer_python} does not exist: create the reference's venv with\n  {PEER_VENV_HINT}",
-              file=sys.stderr)
+    if (why := peers.problem(a.nanochat_dir, os.path.join("scripts", "base_train.py"), a.peer_python)) is not None:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     if a.steps < 14:
         p.error(f"--steps {a.steps}: need at least 14 (steps 0-10 are warm-up)")
-    a.peer = peer_version(a.nanochat_dir)
+    a.peer = peers.version_of(a.nanochat_dir)
     if a.peer == "07c4dd4" and a.dtype != "fp32":
         p.error("--dtype applies to nanochat 92d63d4 (07c4dd4 computes in fp32 on CPU)")
     print(f"CPU: {cpu_description()}")

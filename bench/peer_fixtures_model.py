@@ -32,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 
+from bench import peers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (GPTConfig fields of both GPTs, batch, prompt length, new tokens). T 256 is the one config whose
@@ -157,8 +159,7 @@ def child(nanochat_dir: str, out_path: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nanochat-dir", default=os.path.join(REPO, "..", "shared", "peers", "nanochat-92d63d4"))
-    p.add_argument("--peer-python", default="/tmp/nanochat-venv/bin/python")
+    peers.add_arguments(p, "92d63d4")
     p.add_argument("--out", default=None, help="default: tests/data/peer_<version>_model")
     p.add_argument("--child", metavar="OUT_PATH", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -166,18 +167,12 @@ def main() -> int:
     if a.child:
         child(a.nanochat_dir, a.child)
         return 0
-    if not os.path.exists(os.path.join(a.nanochat_dir, "nanochat", "gpt.py")):
-        print(f"error: --nanochat-dir {a.nanochat_dir} has no nanochat/gpt.py: point it at a nanochat 92d63d4 (or "
-              "07c4dd4) checkout", file=sys.stderr)
-        return 2
-    if not os.path.exists(a.peer_python):
-        print(f"error: --peer-python {a.peer_python} does not exist: a venv with torch for the peer "
-              "(python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip install torch==2.13.0 tiktoken "
-              "rustbpe filelock requests)", file=sys.stderr)
+    if (why := peers.problem(a.nanochat_dir, os.path.join("nanochat", "gpt.py"), a.peer_python)) is not None:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     import torch
 
-    version = "92d63d4" if os.path.exists(os.path.join(a.nanochat_dir, "nanochat", "fp8.py")) else "07c4dd4"
+    version = peers.version_of(a.nanochat_dir)
     out = a.out or os.path.join(REPO, "tests", "data", f"peer_{version}_model")
     dtypes = ["float32", "bfloat16"] if version == "92d63d4" else ["float32"]  # 07c4dd4 has no dtype override
     by_dtype = {}

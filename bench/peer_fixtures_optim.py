@@ -5,7 +5,7 @@ raychat's `MuonAdamW(recipe="2026-07")` against, with the peer's own numerical n
         [--peer-python /tmp/nanochat-venv/bin/python] [--out tests/data/peer_92d63d4_optim.pt] [--keep DIR]
 
 This runs the peer, which is not part of this repository: a nanochat 92d63d4 checkout (`--nanochat-dir`; the
-default is where this project's workspace keeps it) and a venv for it (bench_vs_nanochat's PEER_VENV_HINT).
+default is where this project's workspace keeps it) and a venv for it (bench.peers.PEER_VENV_HINT).
 
 The parameters and groups are the peer's own: a one-layer peer GPT (n_embd 16, one head, vocab 64) and its
 `setup_optimizer` at base_train's default learning rates and weight decay (batch = its reference batch, so no
@@ -37,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 
+from bench import peers
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 STEPS = 3
@@ -49,8 +51,6 @@ VARIANTS = {  # name: (NANOCHAT_DTYPE, TORCHDYNAMO_DISABLE)
 # (variant, reference) pairs whose distance is the peer's own noise.
 NOISE_PAIRS = (("fp32-eager", "fp32-compiled"), ("bf16-compiled", "fp32-compiled"),
                ("bf16-eager", "bf16-compiled"))
-PEER_VENV_HINT = ("python3 -m venv /tmp/nanochat-venv && /tmp/nanochat-venv/bin/pip install torch==2.13.0 tiktoken "
-                  "rustbpe pyarrow numpy wandb requests filelock psutil tokenizers regex")
 
 
 def schedule(step: int) -> dict:
@@ -136,8 +136,7 @@ def run_variant(name: str, a, tmp: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nanochat-dir", default=os.path.join(REPO, "..", "shared", "peers", "nanochat-92d63d4"))
-    p.add_argument("--peer-python", default="/tmp/nanochat-venv/bin/python")
+    peers.add_arguments(p, "92d63d4")
     p.add_argument("--out", default=os.path.join(REPO, "tests", "data", "peer_92d63d4_optim.pt"))
     p.add_argument("--keep", help="keep each variant's full output (<variant>.pt) in this directory")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -145,11 +144,8 @@ def main() -> None:
     if a.child:
         return child(a.child)
     a.nanochat_dir = os.path.abspath(a.nanochat_dir)
-    if not os.path.exists(os.path.join(a.nanochat_dir, "nanochat", "optim.py")):
-        sys.exit(f"error: --nanochat-dir {a.nanochat_dir} has no nanochat/optim.py: point it at a nanochat 92d63d4 "
-                 "checkout")
-    if not os.path.exists(a.peer_python):
-        sys.exit(f"error: --peer-python {a.peer_python} does not exist; make the peer's venv with: {PEER_VENV_HINT}")
+    if (why := peers.problem(a.nanochat_dir, os.path.join("nanochat", "optim.py"), a.peer_python, "92d63d4")):
+        sys.exit(f"error: {why}")
     import torch
 
     with tempfile.TemporaryDirectory(prefix="peer_optim") as tmp:

@@ -7,13 +7,15 @@ on the meta device (build_model_meta), size the horizon, the batch (auto, -1), t
 scales and the number of iterations are cut from the file and executed with its defaults, for depths 4 to 26 (and the
 schedules of every step at d4 and d6) at vocab 32768 (nanochat's tokenizer), T 2048, aspect 64, head dim 128, SSSL. tests/test_recipe.py compares raychat's
 config.derive with them; it needs neither the peer nor this script. Needs the peer's venv
-(bench.bench_vs_nanochat.PEER_VENV_HINT) and the peer checkout, which is not part of this repository.
+(bench.peers.PEER_VENV_HINT) and the peer checkout, which is not part of this repository.
 """
 import argparse
 import json
 import math
 import os
 import sys
+
+from bench import peers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "tests", "data", "peer_92d63d4_sizes.json")
@@ -32,12 +34,12 @@ def cut(source: str, start: str, end: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nanochat-dir", default=os.path.join(REPO, "..", "shared", "peers", "nanochat-92d63d4"))
+    parser.add_argument("--nanochat-dir", default=peers.default_dir("92d63d4"))
     args_ = parser.parse_args()
     root = os.path.abspath(args_.nanochat_dir)
     script = os.path.join(root, "scripts", "base_train.py")
-    if not os.path.exists(script):
-        sys.exit(f"no nanochat 92d63d4 checkout at {root} (--nanochat-dir): this script runs the peer's code")
+    if (why := peers.problem(root, os.path.join("scripts", "base_train.py"), commit="92d63d4")) is not None:
+        sys.exit(f"error: {why}")
     sys.path.insert(0, root)
     from nanochat.gpt import GPT, GPTConfig  # noqa: F401  (the peer's; the cut code uses them)
     import torch

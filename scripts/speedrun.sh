@@ -7,6 +7,7 @@
 # `ray dashboard cluster.yaml` (the SSH tunnel to the job API on 127.0.0.1:8265). Then:
 #
 #   BUCKET_URI=s3://my-bucket/raychat WANDB_RUN=speedrun bash scripts/speedrun.sh
+#   RECIPE=2026-07 BUCKET_URI=... bash scripts/speedrun.sh   # nanochat 92d63d4's recipe on ClimbMix (ratio 8)
 #   bash scripts/speedrun.sh --dry-run      # print the resolved settings and every command, submit nothing
 #
 # Rerunning the script with the same RUN_NAME resumes the training run from its last checkpoint in the
@@ -18,7 +19,7 @@ DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "speedrun.sh: unknown argument '$arg' (only --dry-run and --help are accepted;" \
                 "settings come from environment variables, see the top of this file)" >&2; exit 2 ;;
     esac
@@ -40,11 +41,18 @@ case "$BUCKET_URI" in
             "multi-node cluster reads shards and checkpoints from it (a node's local disk is not shared)" >&2; exit 2 ;;
 esac
 BUCKET_URI="${BUCKET_URI%/}"
+RECIPE="${RECIPE:-seed}"                      # seed (nanochat 07c4dd4) or 2026-07 (nanochat 92d63d4)
+case "$RECIPE" in
+    # nanochat's leaderboard runs: run 1 (d24, ratio 12, FineWeb-Edu) and run 6 (d24, ratio 8, ClimbMix)
+    seed) SOURCE=fineweb-edu; SUBDIR=base_data; DEFAULT_SHARDS=370; RATIO=12 ;;
+    2026-07) SOURCE=climbmix; SUBDIR=base_data_climbmix; DEFAULT_SHARDS=170; RATIO=8 ;;
+    *) echo "speedrun.sh: RECIPE='$RECIPE' must be seed or 2026-07" >&2; exit 2 ;;
+esac
 RUN_NAME="${RUN_NAME:-speedrun-d24}"          # the training run's identity: the same name resumes it
 WANDB_RUN="${WANDB_RUN:-dummy}"               # 'dummy' disables wandb, as in the reference
-NUM_SHARDS="${NUM_SHARDS:-370}"               # ~10B tokens for d24 at ratio 12, as the reference downloads
+NUM_SHARDS="${NUM_SHARDS:-$DEFAULT_SHARDS}"   # as the reference downloads: ~10B tokens (seed), 170 ClimbMix shards
 RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
-DATA_DIR="$BUCKET_URI/base_data"
+DATA_DIR="$BUCKET_URI/$SUBDIR"
 STORAGE="$BUCKET_URI/runs"
 STAMP="$(date +%Y%m%d-%H%M%S)"                # submission ids must be unique per cluster
 export RAY_ADDRESS
@@ -61,7 +69,7 @@ if os.environ.get("WANDB_API_KEY"):
 print(json.dumps({"env_vars": env}))' "$@"
 }
 
-echo "speedrun on Ray: RAY_ADDRESS=$RAY_ADDRESS RUN_NAME=$RUN_NAME WANDB_RUN=$WANDB_RUN"
+echo "speedrun on Ray: RAY_ADDRESS=$RAY_ADDRESS RUN_NAME=$RUN_NAME WANDB_RUN=$WANDB_RUN RECIPE=$RECIPE"
 echo "  shards      -> $DATA_DIR ($NUM_SHARDS)"
 echo "  checkpoints -> $STORAGE/$RUN_NAME"
 echo "  wandb key   -> $([[ -n "${WANDB_API_KEY:-}" ]] && echo "from \$WANDB_API_KEY" || echo 'not set')"
@@ -93,10 +101,10 @@ wait_job() {
 
 # 1. ~2B characters for the tokenizer: 8 shards (+ the val shard) straight into the bucket. Runs on the
 #    head (a job driver reserves no CPU by default), so no GPU node is started for it.
-submit data-8 -- python -m raychat.data download -n 8 --data-dir "$DATA_DIR"
+submit data-8 -- python -m raychat.data download -n 8 --source "$SOURCE" --data-dir "$DATA_DIR"
 
 # 2. The rest of the shards in the background, as the reference does while its tokenizer trains.
-submit data-all --no-wait -- python -m raychat.data download -n "$NUM_SHARDS" --data-dir "$DATA_DIR"
+submit data-all --no-wait -- python -m raychat.data download -n "$NUM_SHARDS" --source "$SOURCE" --data-dir "$DATA_DIR"
 
 # 3. Tokenizer, with the reference's defaults (vocab 32768, 2B chars, doc cap 10000). The head advertises
 #    no CPUs, so --entrypoint-num-cpus puts this job on the GPU node (started by the autoscaler): the
@@ -110,7 +118,7 @@ wait_job data-all
 #    accum 2). raychat additions: one Ray Train worker per GPU, checkpoints to the bucket every 1000 steps
 #    (the reference saves only at the end) so a lost node costs minutes, and automatic retries.
 submit train --entrypoint-num-cpus=1 -- python -m raychat.train \
-    --run="$WANDB_RUN" --depth=24 --target-param-data-ratio=12 --device-batch-size=16 \
+    --run="$WANDB_RUN" --recipe="$RECIPE" --depth=24 --target-param-data-ratio="$RATIO" --device-batch-size=16 \
     --num-workers=8 --use-gpu=true --cpus-per-worker=16 \
     --run-name="$RUN_NAME" --storage-path="$STORAGE" --data-dir="$DATA_DIR" \
     --save-every=1000 --keep-checkpoints=2 --max-failures=3
