@@ -49,7 +49,8 @@ TRAJECTORY_SETTINGS = (
     "depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern",
     "num_iterations", "target_flops", "target_param_data_ratio", "device_batch_size", "total_batch_size",
     "embedding_lr", "unembedding_lr", "weight_decay", "matrix_lr", "scalar_lr", "adam_beta1", "adam_beta2",
-    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "recipe", "warmup_steps", "compute_dtype", "fp8", "fp8_recipe",
+    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "recipe", "warmup_steps", "compute_dtype", "fp8",
+    "fp8_recipe",
 )
 
 
@@ -177,7 +178,7 @@ class TrainConfig:
                 setattr(self, name, value)
 
     def recipe_lines(self) -> list[str]:
-        """What the recipe set, as printed at start: every flag it resolves, marked where given explicitly."""
+        """What the recipe resolved, as printed at start: each of its flags, "(flag)" where a flag changed it."""
         values = RECIPES[self.recipe]
         shown = ", ".join(f"{name}={getattr(self, name)!r}" + ("" if getattr(self, name) == value else " (flag)")
                           for name, value in values.items() if not (value is None and getattr(self, name) is None))

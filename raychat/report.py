@@ -82,7 +82,9 @@ def render_report(cfg, plan, summary: dict, history: dict, out_dir: str) -> str:
         "DDP world size": plan.world_size,
         "Gradient accumulation steps": plan.grad_accum_steps,
         "Attention": summary.get("attention"),
-        "warmup_ratio": cfg.warmup_ratio, "warmdown_ratio": cfg.warmdown_ratio, "final_lr_frac": cfg.final_lr_frac,
+        "Recipe": cfg.recipe, "Total batch size": plan.total_batch_size,
+        "warmup_ratio": cfg.warmup_ratio, "warmup_steps": cfg.warmup_steps, "warmdown_ratio": cfg.warmdown_ratio,
+        "final_lr_frac": cfg.final_lr_frac,
     }
     outcomes = {
         "Minimum validation bpb": None if summary["val_bpb"] is None else summary["min_val_bpb"],

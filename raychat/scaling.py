@@ -153,6 +153,9 @@ def parse_study(data, path: str, text: str = "", overrides: dict | None = None) 
             raise
         chk.fail(("depths",), rule)
 
+    if sweep.base_config().total_batch_size == -1:
+        chk.fail(("train", "total_batch_size"), "a study compares its points at one batch size: the automatic one "
+                 "(-1, --recipe 2026-07's default) follows each point's horizon; give a number of tokens")
     res = sweep.resources
     simple = res["workers"] == 1 and res["gpus_per_worker"] == 0
     in_process = data.get("in_process", simple)
@@ -184,7 +187,7 @@ def point_plans(study: Study, vocab_size: int) -> dict:
         plan = derive(cfg, vocab_size, cfg.num_workers)
         if plan.num_iterations < 1:
             raise SweepConfigError(f"{study.sweep.path}: point {study.point_tag(point)}: the budget buys "
-                                   f"{plan.num_iterations} steps of {cfg.total_batch_size:,} tokens at depth "
+                                   f"{plan.num_iterations} steps of {plan.total_batch_size:,} tokens at depth "
                                    f"{point['depth']}; raise the budget or lower train.total_batch_size")
         out[cfg.run_name] = (point, plan)
     return out

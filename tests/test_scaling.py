@@ -129,7 +129,8 @@ def test_study_files_resolve_and_bad_ones_name_the_key(tmp_path):
              ({**base, "train": {"depth": 4}}, "each point sets this flag"),
              ({**base, "train": {"num_iterations": 4}}, "each point sets this flag"),
              ({**base, "resources": {"workers": 2}, "in_process": True}, "resources.workers 1"),
-             ({**base, "budgets": [-1]}, "must be a number > 0")]
+             ({**base, "budgets": [-1]}, "must be a number > 0"),
+             ({**base, "train": {"recipe": "2026-07"}}, "train.total_batch_size: a study compares its points")]
     for data, fragment in cases:
         with pytest.raises(SweepConfigError, match=fragment):
             parse_study({k: v for k, v in data.items() if v is not None}, "x.yaml")
