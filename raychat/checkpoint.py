@@ -184,10 +184,10 @@ def load_rank_state(directory: str, rank: int, world_size: int, device, param_sh
 def check_compatible(meta: dict, model_config: dict, num_slots: int, where: str) -> None:
     """Refuse, loudly, a checkpoint this run cannot continue exactly. The world size may differ (the state is
     resharded, `load_rank_files`); the data slots (micro-batches per step) may not."""
-    saved = with_model_options(meta.get("model_config", {}))
-    diffs = {k: (saved.get(k), v) for k, v in model_config.items() if saved.get(k) != v}
     from raychat.model import RECIPE_OPTIONS
 
+    saved = with_model_options(meta.get("model_config", {}))
+    diffs = {k: (saved.get(k), v) for k, v in model_config.items() if saved.get(k) != v}
     if set(diffs) & set(RECIPE_OPTIONS["seed"]):  # the architecture itself: say which recipes
         raise ValueError(f"checkpoint {where} is a --recipe {recipe_of(saved)} model, this run trains --recipe "
                          f"{recipe_of(model_config)}; use the checkpoint's recipe or a new --run-name")
@@ -227,7 +227,6 @@ def recipe_of(model_config: dict) -> str:
 # 2026-07 recipe) has smear and backout parameters in its state dict, a 07c4dd4 one (the seed) has not.
 
 NANOCHAT_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
-NANOCHAT_VERSION = {"seed": "07c4dd4", "2026-07": "92d63d4"}
 
 
 def export_nanochat(out_dir: str, step: int, model_state: dict, meta: dict) -> list[str]:
