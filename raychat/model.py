@@ -314,7 +314,6 @@ class GPT(nn.Module):
             L = cfg.n_layer
             for i in range(L):
                 self.resid_lambdas[i] = 1.15 - (0.10 * i / max(L - 1, 1))
-            for i in range(L):
                 self.x0_lambdas[i] = 0.20 - (0.15 * i / max(L - 1, 1))
         else:
             self.resid_lambdas.fill_(1.0)
@@ -460,8 +459,8 @@ class GPT(nn.Module):
           wte (0.8, 0.995) wd 0.001, value embeddings half the embedding lr, (0.8, 0.995) wd 0.01, resid
           (0.8, 0.95) wd 0.05; Muon beta2 0.9.
         """
-        if recipe not in ("seed", "2026-07"):
-            raise ValueError(f"optimizer recipe {recipe!r}: must be 'seed' or '2026-07'")
+        if recipe not in RECIPE_OPTIONS:
+            raise ValueError(f"optimizer recipe {recipe!r}: must be one of {', '.join(map(repr, RECIPE_OPTIONS))}")
         if recipe != "seed" and adam_betas is not None:
             raise ValueError(f"adam_betas={adam_betas!r} with recipe {recipe!r}: that recipe sets the betas of each "
                              "parameter group itself; pass adam_betas only with recipe 'seed'")

@@ -102,10 +102,11 @@ def list_parquet(data_dir: str) -> list[str]:
     fs, root = storage.filesystem(data_dir)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        climbmix = _basename(data_dir) == SOURCES["climbmix"].subdir  # --recipe 2026-07's default
+        # A source's default directory (the one a recipe reads by default) gets that source's download command.
+        source = next((s.name for s in SOURCES.values() if s.subdir == _basename(data_dir)), DEFAULT_SOURCE)
+        option = "" if source == DEFAULT_SOURCE else f" --source {source}"
         raise FileNotFoundError(f"data directory {data_dir} does not exist: download shards with "
-                                f"`python -m raychat.data download -n 8{' --source climbmix' if climbmix else ''}` "
-                                f"or make some with "
+                                f"`python -m raychat.data download -n 8{option}` or make some with "
                                 f"`python -m raychat.data prepare --from PATH --out {data_dir}`")
     if info.type != pafs.FileType.Directory:
         raise NotADirectoryError(f"data directory {data_dir} is a file; pass the folder that holds the shards")
