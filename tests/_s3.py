@@ -249,11 +249,23 @@ def driver(args: list, env: dict, ray_tmp: str | None = None) -> tuple[int, str]
 def s3_run(s3, shakespeare_path, tiny_tokenizer_dir):
     """Shards prepared straight into the bucket (conftest's tiny_data_dir, written to s3://), the tokenizer
     uploaded, then the tiny 2-worker run (conftest.tiny_args) with --keep-checkpoints 2 and rank 1 SIGKILLed
-    in step 10, everything in the bucket. A namespace: root (the URI of it all), tok, args (without the worker
-    and fault flags), env, code, out, ray_logs (the files of its Ray session's logs), ray_tmp."""
+    in step 10, everything in the bucket, dummy secrets of other services in its environment. A namespace:
+    root (the URI of it all), tok, args (without the worker and fault flags), env (the storage settings), code,
+    out, ray_logs (the files of its Ray session's logs), ray_tmp."""
     yield _once("run", lambda: _first_run(s3, shakespeare_path, tiny_tokenizer_dir))
     if (run := _ONCE.pop("run", None)) is not None:
         shutil.rmtree(run.ray_tmp, ignore_errors=True)
+
+
+# Dummy credentials of the other services a run may see in its environment (none is real): the shared run
+# carries them, and test_secrets checks that none of them, nor the S3 key, reaches an artefact or a log.
+DUMMY_SECRETS = {
+    "WANDB_API_KEY": "dummywandbkey-raychat-0123456789abcdef0123456789abcdef",
+    "GOOGLE_API_KEY": "dummy-gcp-api-key-raychat-AIzaSyDUMMY",
+    "HF_TOKEN": "hf_dummyraychattoken0123456789",
+    "RAY_AUTH_TOKEN": "dummy-ray-auth-token-raychat-5f5f5f5f5f",
+}
+GCP_KEY_CONTENT = "dummy-gcp-service-account-private-key-raychat"
 
 
 def _first_run(s3, shakespeare_path, tiny_tokenizer_dir):
@@ -268,8 +280,14 @@ def _first_run(s3, shakespeare_path, tiny_tokenizer_dir):
     tok = s3.upload_dir(tiny_tokenizer_dir, "e2e/tokenizer")
     args = tiny_args(f"{root}/data", tok, f"{root}/runs", "e2e", "--data-backend", "inline", "--keep-checkpoints", "2")
     ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")
+    key_file = os.path.join(ray_tmp, "gcp-key.json")
+    with open(key_file, "w") as f:
+        json.dump({"private_key": GCP_KEY_CONTENT}, f)
+    secrets = dict(DUMMY_SECRETS, GOOGLE_APPLICATION_CREDENTIALS=key_file)
+    # --run takes the W&B code path (in disabled mode, WANDB_MODE), which reads WANDB_API_KEY.
     code, out = driver([*args, "--num-workers", "2", "--max-failures", "1", "--debug-fail-at-step", "10",
-                        "--debug-fail-kind", "kill", "--debug-fail-rank", "1"], env, ray_tmp)
+                        "--debug-fail-kind", "kill", "--debug-fail-rank", "1", "--run", "e2e-secrets"],
+                       dict(env, **secrets), ray_tmp)
     logs = [os.path.join(d, f) for d, _, files in os.walk(ray_tmp) for f in files
             if "/logs" in d and not os.path.islink(os.path.join(d, f))]
     return types.SimpleNamespace(root=root, tok=tok, args=args, env=env, code=code, out=out, ray_logs=logs,

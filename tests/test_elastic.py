@@ -398,11 +398,12 @@ def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_l
     import tempfile
 
     from conftest import reap_ray
-    from test_reliability import REPO, _subprocess_env
+    from test_reliability import QUICK_NODE_DEATH, REPO, _subprocess_env
 
     steps, every = 800, 20  # long enough that 1 worker is still training when the grown group starts
     ray_tmp = tempfile.mkdtemp(prefix="re", dir="/tmp")
-    env = dict(_subprocess_env(ray_tmp), RAYCHAT_RESIZE_CHECK_S="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
+    env = dict(_subprocess_env(ray_tmp), **QUICK_NODE_DEATH, RAYCHAT_RESIZE_CHECK_S="1",
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
     args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "rayelastic", "--num-workers", "1:2",
                      "--max-failures", "3", "--num-iterations", str(steps), "--save-every", str(every),
                      "--eval-every", "-1", "--data-backend", "inline")

@@ -223,9 +223,15 @@ _NODE_LOSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+# A removed node is declared dead after 3 failed health checks 1 s apart (Ray's defaults: 5 checks 3 s apart,
+# ~15 s that the tests would spend waiting). A live node's check may still take up to 5 s on a busy machine.
+QUICK_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000",
+                    "RAY_health_check_failure_threshold": "3"}
+
+
 def _node_loss(args, tmp_path, extra_env=None):
     ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-    env = dict(_subprocess_env(ray_tmp), **(extra_env or {}))
+    env = dict(_subprocess_env(ray_tmp), **QUICK_NODE_DEATH, **(extra_env or {}))
     out = subprocess.run([sys.executable, "-c", _NODE_LOSS_SCRIPT, json.dumps(args)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     reap_ray(ray_tmp)
