@@ -249,9 +249,9 @@ def driver(args: list, env: dict, ray_tmp: str | None = None) -> tuple[int, str]
 def s3_run(s3, shakespeare_path, tiny_tokenizer_dir):
     """Shards prepared straight into the bucket (conftest's tiny_data_dir, written to s3://), the tokenizer
     uploaded, then the tiny 2-worker run (conftest.tiny_args) with --keep-checkpoints 2 and rank 1 SIGKILLed
-    in step 10, everything in the bucket, dummy secrets of other services in its environment. A namespace:
-    root (the URI of it all), tok, args (without the worker and fault flags), env (the storage settings), code,
-    out, ray_logs (the files of its Ray session's logs), ray_tmp."""
+    in step 10, samples at the end, everything in the bucket, dummy secrets of other services in its
+    environment. A namespace: root (the URI of it all), tok, args (without the worker, fault and sample flags),
+    env (the storage settings), code, out, ray_logs (the files of its Ray session's logs), ray_tmp."""
     yield _once("run", lambda: _first_run(s3, shakespeare_path, tiny_tokenizer_dir))
     if (run := _ONCE.pop("run", None)) is not None:
         shutil.rmtree(run.ray_tmp, ignore_errors=True)
@@ -284,9 +284,11 @@ def _first_run(s3, shakespeare_path, tiny_tokenizer_dir):
     with open(key_file, "w") as f:
         json.dump({"private_key": GCP_KEY_CONTENT}, f)
     secrets = dict(DUMMY_SECRETS, GOOGLE_APPLICATION_CREDENTIALS=key_file)
-    # --run takes the W&B code path (in disabled mode, WANDB_MODE), which reads WANDB_API_KEY.
+    # --run takes the W&B code path (in disabled mode, WANDB_MODE), which reads WANDB_API_KEY; the samples at the
+    # end (as the baseline's) put generated text in the console and the logs the secrets check reads.
     code, out = driver([*args, "--num-workers", "2", "--max-failures", "1", "--debug-fail-at-step", "10",
-                        "--debug-fail-kind", "kill", "--debug-fail-rank", "1", "--run", "e2e-secrets"],
+                        "--debug-fail-kind", "kill", "--debug-fail-rank", "1", "--run", "e2e-secrets",
+                        "--sample-every", "16"],
                        dict(env, **secrets), ray_tmp)
     logs = [os.path.join(d, f) for d, _, files in os.walk(ray_tmp) for f in files
             if "/logs" in d and not os.path.islink(os.path.join(d, f))]

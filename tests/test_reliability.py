@@ -34,19 +34,9 @@ def fault_args(data_dir, tok_dir, storage, name, *extra):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. A worker SIGKILLed in the middle of a step
-
-
-@pytest.mark.slow
-def test_worker_sigkilled_mid_step_recovers_exactly(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
-    """Rank 1 (not the master) SIGKILLs itself between its backward pass and the optimizer step of step 10,
-    while rank 0 waits in the gradient all-reduce: Ray Train restarts both from the step-8 checkpoint."""
-    args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killstep", "--max-failures", "1",
-                     "--debug-fail-at-step", "10", "--debug-fail-kind", "kill", "--debug-fail-rank", "1")
-    assert main(args) == 0
-    run = os.path.join(storage, "killstep")
-    assert os.path.exists(os.path.join(run, ".injected_failure_step10")), "the fault never fired"
-    assert_same_run(run, baseline)
+# 1. A worker SIGKILLed in the middle of a step: the shared S3 run (tests/_s3.py `s3_run`, checked in
+# tests/test_s3.py) is this fault, rank 1 at step 10, compared with the baseline tensor for tensor; a second
+# run of it on local disk would cost a Ray Train start and test nothing more.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,10 +45,10 @@ def test_worker_sigkilled_mid_step_recovers_exactly(baseline, tiny_data_dir, tin
 
 @pytest.mark.slow
 def test_worker_killed_while_checkpoint_is_written(baseline, tiny_data_dir, tiny_tokenizer_dir, storage):
-    """Rank 0 writes its step-8 files (model, meta, optimizer shard) locally and is SIGKILLed before they are
-    persisted, while rank 1 persists its own: storage may hold a step_000008 with rank 1's files only. That
-    directory never counts as a checkpoint (no meta.json, no done_rank0.json); the restart uses step 4 and
-    rewrites step 8 in full."""
+    """Rank 0 (the master) writes its step-8 files (model, meta, optimizer shard) locally and is SIGKILLed
+    before they are persisted, while rank 1 persists its own: storage may hold a step_000008 with rank 1's files
+    only. That directory never counts as a checkpoint (no meta.json, no done_rank0.json); Ray Train restarts
+    both workers, which resume from step 4 and rewrite step 8 in full."""
     args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "killckpt", "--max-failures", "1",
                      "--debug-fail-at-step", "8", "--debug-fail-kind", "kill-in-checkpoint")
     assert main(args) == 0
@@ -106,7 +96,7 @@ def test_partial_checkpoint_of_one_rank_is_never_resumed(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The driver killed, the same command rerun
+# 3. The driver killed, the same command rerun: one test with Ctrl-C (docs/RELIABILITY.md row 11), section 5
 
 
 def _subprocess_env(ray_tmp):
@@ -131,58 +121,6 @@ def _descendants(pid):
         found.append(p)
         todo += children.get(p, [])
     return found
-
-
-@pytest.mark.slow
-def test_driver_sigkilled_ends_its_ray_then_same_command_resumes(baseline, tiny_data_dir, tiny_tokenizer_dir,
-                                                                 storage, tmp_path):
-    """kill -9 of `python -m raychat.train` alone (not its process tree) once the step-4 checkpoint is complete:
-    every process it started (Ray's GCS, raylet, agents, the training workers) ends too, no checkpoint is
-    written after the one that may have been in flight, and the identical command then takes over the run
-    (the dead driver's lease) and ends bit-identical. (The waits only bound a hang.)"""
-    run = os.path.join(storage, "driverkill")
-    cmd = [sys.executable, "-m", "raychat.train", *fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "driverkill")]
-    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(ray_tmp), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    started = {}
-    try:
-        deadline = time.time() + 240
-        first = os.path.join(run, "step_000004")
-        while not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
-            assert proc.poll() is None, f"the run ended before it could be killed:\n{open(tmp_path / 'first.log').read()}"
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.01)
-        started = _start_times(_descendants(proc.pid))
-        assert len(started) > 5, f"expected a Ray session below the driver, found {len(started)} processes"
-        before = _complete_steps(run)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        _wait_until_gone(started)
-        assert not _survivors(started), f"still running after the driver died: {_survivors(started)}"
-        time.sleep(3)
-        new = _complete_steps(run) - before
-        assert new <= {max(before) + 4}, f"checkpoints written after the driver died: {sorted(new)}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in _survivors(started):
-            os.kill(pid, signal.SIGKILL)
-        log.close()
-        reap_ray(ray_tmp, timeout=0)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    steps = sorted(_complete_steps(run))
-    assert steps and max(steps) < STEPS, f"the kill came too late to test anything: complete steps {steps}"
-
-    ray_tmp2 = tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    again = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(ray_tmp2), capture_output=True, text=True, timeout=300)
-    reap_ray(ray_tmp2)
-    shutil.rmtree(ray_tmp2, ignore_errors=True)
-    (tmp_path / "again.log").write_text(again.stdout + again.stderr)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"Resuming from step {max(steps)}" in again.stdout + again.stderr
-    assert_same_run(run, baseline)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,23 +196,7 @@ def test_node_removed_run_waits_for_capacity_then_recovers(baseline, tiny_data_d
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Ctrl-C and kill -9 of the driver: the embedded Ray and its workers end with it
-
-
-def _start_long_driver(data_dir, tok_dir, storage, name, tmp_path, ray_tmp):
-    """`python -m raychat.train` (its own embedded Ray) of a 400-step run, once its step-4 checkpoint is
-    complete: (process, log path)."""
-    args = fault_args(data_dir, tok_dir, storage, name)
-    args[args.index("--num-iterations") + 1] = "400"
-    log_path = tmp_path / f"{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "raychat.train", *args], cwd=REPO, env=_subprocess_env(ray_tmp),
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    first, deadline = os.path.join(storage, name, "step_000004"), time.time() + 300
-    while not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
-        assert proc.poll() is None, f"the run ended early:\n{log_path.read_text()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.05)
-    return proc, log_path
+# 5. Ctrl-C and kill -9 of the driver: the embedded Ray and its workers end with it, the same command resumes
 
 
 def _start_times(pids):
@@ -304,41 +226,99 @@ def _complete_steps(run):
     return {s for s, p in ckpt_files.list_step_dirs(run) if ckpt_files.check_complete(p) is None}
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_the_run_and_everything_it_started(tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
-    """SIGINT to the driver (Ctrl-C): it exits with code 130 and a message saying how to resume, every process
-    it started is gone, and the newest checkpoint is complete. (The waits only bound a hang.)
+def _wait_for(proc, log_path, ready, what, timeout=240):
+    """Poll until `ready()`; the driver ending first (the run finished too early to be interrupted) fails."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}:\n{log_path.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.01)
 
-    All the while a second `ray start --head` (own ports on 127.0.0.1, own temp dir) runs on the machine: the
-    embedded Ray still trains, and Ray Train's placement-group cleaner never fails with "Found multiple
-    active Ray instances" (it is pointed at the embedded Ray's own dashboard)."""
-    other_tmp = tempfile.mkdtemp(prefix="ro", dir="/tmp")
+
+def _ends_with_everything_it_started(proc, signum):
+    """Send `signum` to the driver alone (not its process group) and check that every process below it (Ray's
+    GCS, raylet, agents, the training workers) ends too: the exit code. (The waits only bound a hang.)"""
+    started = _start_times(_descendants(proc.pid))
+    assert len(started) > 5, f"expected a Ray session below the driver, found {len(started)} processes"
+    try:
+        os.kill(proc.pid, signum)
+        rc = proc.wait(timeout=120)
+        _wait_until_gone(started)
+        assert not _survivors(started), f"still running after the driver ended: {_survivors(started)}"
+        return rc
+    finally:
+        for pid in _survivors(started):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_kill_9_end_everything_the_driver_started_and_the_same_command_resumes(
+        baseline, tiny_data_dir, tiny_tokenizer_dir, storage, tmp_path):
+    """One command, `python -m raychat.train` with its own embedded Ray, run up to three times while a second
+    `ray start --head` (own ports on 127.0.0.1, own temp dir) runs on the machine:
+
+    1. kill -9 of the driver alone (not its process group) once the step-4 checkpoint is complete: every
+       process it started ends too, and no checkpoint is written after the one that may have been in flight.
+    2. The same command takes over the run (the dead driver's lease) and resumes; once its workers have
+       resumed, Ctrl-C (SIGINT): exit 130 with a message saying how to resume, every process it started gone.
+       Ray Train's placement-group cleaner never fails with "Found multiple active Ray instances" (it is
+       pointed at the embedded Ray's own dashboard).
+    3. Unless the workers finished the 16 steps while the Ctrl-C's abort reached them (about a second: it
+       happens), the same command resumes from the newest checkpoint. The run ends bit-identical to the
+       uninterrupted one."""
+    run = os.path.join(storage, "driver")
+    cmd = [sys.executable, "-m", "raychat.train", *fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "driver")]
+    other_tmp = tempfile.mkdtemp(prefix="ro", dir="/tmp")  # short: Ray's socket paths have a length limit
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     other = subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "0",
                             "--num-cpus", "1", "--include-dashboard", "false", "--temp-dir", other_tmp,
                             "--disable-usage-stats"], env=_subprocess_env(other_tmp), capture_output=True, text=True,
                            timeout=120)
-    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    started, proc = {}, None
+    ray_tmps, proc = [], None
+
+    def start(name):
+        ray_tmps.append(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
+        log_path = tmp_path / f"{name}.log"
+        return subprocess.Popen(cmd, cwd=REPO, env=_subprocess_env(ray_tmps[-1]), stdout=open(log_path, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True), log_path
+
     try:
         assert other.returncode == 0, other.stdout + other.stderr
-        proc, log_path = _start_long_driver(tiny_data_dir, tiny_tokenizer_dir, storage, "sigint", tmp_path, ray_tmp)
-        started = _start_times(_descendants(proc.pid))
-        os.kill(proc.pid, signal.SIGINT)
-        rc = proc.wait(timeout=120)
+        proc, log_path = start("kill_9")
+        first = os.path.join(run, "step_000004")
+        _wait_for(proc, log_path, lambda: os.path.isdir(first) and ckpt_files.check_complete(first) is None,
+                  "a complete step-4 checkpoint")
+        before = _complete_steps(run)
+        assert _ends_with_everything_it_started(proc, signal.SIGKILL) == -signal.SIGKILL
+        time.sleep(3)
+        new = _complete_steps(run) - before
+        assert new <= {max(before) + 4}, f"checkpoints written after the driver died: {sorted(new)}"
+        newest = max(_complete_steps(run))
+        assert newest < STEPS, f"the kill came too late to test anything: complete steps {_complete_steps(run)}"
+
+        proc, log_path = start("ctrl_c")
+        _wait_for(proc, log_path, lambda: f"Resuming from step {newest}" in log_path.read_text(),
+                  "the workers' resume")
+        assert _ends_with_everything_it_started(proc, signal.SIGINT) == 130, log_path.read_text()[-3000:]
         log = log_path.read_text()
-        assert rc == 130, log[-3000:]
         assert "error: interrupted; the checkpoints written so far are kept" in log
         assert "Found multiple active Ray instances" not in log
-        _wait_until_gone(started)
-        assert not _survivors(started), f"left behind after Ctrl-C: {_survivors(started)}"
-        assert _complete_steps(os.path.join(storage, "sigint")), "no complete checkpoint left"
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for pid in _survivors(started):
-            os.kill(pid, signal.SIGKILL)
-        reap_ray(ray_tmp, timeout=0)
+        for ray_tmp in ray_tmps:
+            reap_ray(ray_tmp, timeout=0)
         reap_ray(other_tmp, timeout=0)  # that head's processes only (by its temp dir), never `ray stop`
+        for d in (*ray_tmps, other_tmp):
+            shutil.rmtree(d, ignore_errors=True)
+    steps = sorted(_complete_steps(run))
+    if max(steps) < STEPS:
+        ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+        again = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(ray_tmp), capture_output=True, text=True,
+                               timeout=300)
+        reap_ray(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-        shutil.rmtree(other_tmp, ignore_errors=True)
+        (tmp_path / "again.log").write_text(again.stdout + again.stderr)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"Resuming from step {max(steps)}" in again.stdout + again.stderr
+    assert_same_run(run, baseline)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from raychat import checkpoint as ckpt_files
+from raychat.loop import SAMPLE_PROMPTS
 from tests._s3 import BUCKET, DUMMY_SECRETS, GCP_KEY_CONTENT, s3, s3_run  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +31,11 @@ class Payload:
 @pytest.mark.slow
 def test_no_secret_in_any_artefact_of_a_run(s3, s3_run):
     """The run of tests/_s3.py `s3_run` (2 workers, one SIGKILLed and restarted, shards, tokenizer and
-    checkpoints on the S3 server, the W&B code path in disabled mode) had the server's real secret key and dummy
-    credentials of other services (W&B, Google, Hugging Face, Ray, a service-account key file) in the
-    environment of its driver and, inherited, of every worker: none appears in a console line, in an object the
-    run wrote to the bucket (checkpoints, meta.json, report, Ray Train's checkpoint list, markers) or in a Ray
-    session log (driver, raylet, GCS, every worker)."""
+    checkpoints on the S3 server, the W&B code path in disabled mode, samples generated) had the server's real
+    secret key and dummy credentials of other services (W&B, Google, Hugging Face, Ray, a service-account key
+    file) in the environment of its driver and, inherited, of every worker: none appears in a console line, in
+    an object the run wrote to the bucket (checkpoints, meta.json, report, Ray Train's checkpoint list, markers)
+    or in a Ray session log (driver, raylet, GCS, every worker)."""
     assert s3_run.code == 0, s3_run.out[-4000:]
     keys = s3.keys("e2e/runs/e2e/")
     assert {"model.pt", "meta.json", "report.md", "checkpoint_manager_snapshot.json"} <= \
@@ -54,6 +55,7 @@ def test_no_secret_in_any_artefact_of_a_run(s3, s3_run):
     # in any test order: test_s3's resume from step 12 rewrites only step 16.
     meta = json.loads(s3.client().get_object(Bucket=BUCKET, Key="e2e/runs/e2e/step_000012/meta.json")["Body"].read())
     assert meta["user_config"]["run"] == "e2e-secrets"
+    assert SAMPLE_PROMPTS[0] in s3_run.out, "the run generated no samples"
 
 
 def _malicious_checkpoint(directory, marker):
