@@ -263,9 +263,9 @@ def test_ctrl_c_and_kill_9_end_everything_the_driver_started_and_the_same_comman
        resumed, Ctrl-C (SIGINT): exit 130 with a message saying how to resume, every process it started gone.
        Ray Train's placement-group cleaner never fails with "Found multiple active Ray instances" (it is
        pointed at the embedded Ray's own dashboard).
-    3. Unless the workers finished the 16 steps while the Ctrl-C's abort reached them (about a second: it
-       happens), the same command resumes from the newest checkpoint. The run ends bit-identical to the
-       uninterrupted one."""
+    3. Unless the workers finished the 16 steps before the Ctrl-C's abort reached them (it takes some hundreds
+       of milliseconds, 50 ms a step here: it happens), the same command resumes from the newest checkpoint.
+       The run ends bit-identical to the uninterrupted one."""
     run = os.path.join(storage, "driver")
     cmd = [sys.executable, "-m", "raychat.train", *fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "driver")]
     other_tmp = tempfile.mkdtemp(prefix="ro", dir="/tmp")  # short: Ray's socket paths have a length limit
