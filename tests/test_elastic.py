@@ -351,9 +351,9 @@ if wait(lambda: complete(2), "no 2-worker checkpoint"):
         shrunk = max(complete(1))
         if wait(lambda: complete(2, after=shrunk), "the run never grew back to 2 workers"):
             print("TWO WORKERS again", complete(2, after=shrunk), f"at {time.time() - t0:.1f}s", flush=True)
-            # What was to be shown has happened: end here rather than train the remaining steps.
-            ray.shutdown()
-            cluster.shutdown()
+            # What was to be shown has happened: end here rather than train the remaining steps, at once. A
+            # ray.shutdown() under the running trainer thread races it: when that thread next calls into Ray,
+            # Ray's core worker ends the process with code 1. The test reaps the cluster by its temp dir.
             os._exit(0)
 trainer.join()
 print("RC", result.get("rc"), f"at {time.time() - t0:.1f}s", flush=True)
@@ -409,7 +409,7 @@ def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_l
                      "--eval-every", "-1", "--data-backend", "inline")
     out = subprocess.run([sys.executable, "-c", _ELASTIC_CLUSTER_SCRIPT, json.dumps(args)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=540)
-    reap_ray(ray_tmp)
+    reap_ray(ray_tmp, timeout=0)  # the script may end with its cluster still up (see above)
     log = out.stdout + out.stderr
     (tmp_path / "elastic_cluster.log").write_text(log)
     print("\n".join(line for line in out.stdout.splitlines() if line.startswith(("NODE", "ONE", "TWO", "RC"))))
