@@ -305,6 +305,11 @@ def test_uneven_slots_two_workers_equal_one_worker(tiny_data_dir, tiny_tokenizer
 # ----------------------------------------------------------------------------------------------------
 # Ray's own elastic scaling (--num-workers 1:2) on a real two-node cluster: a node removed, then one added
 
+# A removed node is declared dead after 3 failed health checks 1 s apart (Ray's defaults: 5 checks 3 s apart,
+# ~15 s that the test would spend waiting). A live node's check may still take up to 5 s on a busy machine.
+QUICK_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000",
+                    "RAY_health_check_failure_threshold": "3"}
+
 _ELASTIC_CLUSTER_SCRIPT = """
 import json, os, sys, threading, time
 import ray
@@ -336,27 +341,45 @@ def wait(cond, what, timeout=240):
     return trainer.is_alive()
 
 
+# Training runs in a thread (Ray Train supports that), the main thread changes the cluster: a node can only be
+# added from the main thread (it installs signal handlers).
 result = {}
 trainer = threading.Thread(target=lambda: result.setdefault("rc", main(args)), daemon=True)
 trainer.start()
 t0 = time.time()
+
+
+def say(*what):
+    print(*what, f"at {time.time() - t0:.1f}s", flush=True)
+
+
 if wait(lambda: complete(2), "no 2-worker checkpoint"):
     cluster.remove_node(nodes[1], allow_graceful=False)
-    removed = max(complete(2))
-    print("NODE REMOVED after step", removed, f"at {time.time() - t0:.1f}s", flush=True)
+    say("NODE REMOVED after step", max(complete(2)))
     if wait(lambda: complete(1), "training did not continue on the remaining node"):
-        print("ONE WORKER checkpoint", complete(1), f"at {time.time() - t0:.1f}s", flush=True)
-        cluster.add_node(num_cpus=1)
-        print("NODE ADDED", f"at {time.time() - t0:.1f}s", flush=True)
+        say("ONE WORKER checkpoint", complete(1))
+        # The last node goes too: no room for even MIN workers. Ray Train's starts time out and are retried
+        # (the failure budget is not spent) until capacity returns, as for any run that cannot be placed.
+        cluster.remove_node(nodes[0], allow_graceful=False)
+        say("LAST NODE REMOVED")
+        time.sleep(12)
         shrunk = max(complete(1))
-        if wait(lambda: complete(2, after=shrunk), "the run never grew back to 2 workers"):
-            print("TWO WORKERS again", complete(2, after=shrunk), f"at {time.time() - t0:.1f}s", flush=True)
-            # What was to be shown has happened: end here rather than train the remaining steps, at once. A
-            # ray.shutdown() under the running trainer thread races it: when that thread next calls into Ray,
-            # Ray's core worker ends the process with code 1. The test reaps the cluster by its temp dir.
-            os._exit(0)
+        cluster.add_node(num_cpus=1)
+        say("NODE ADDED")
+        if wait(lambda: complete(1, after=shrunk), "the run never resumed on the new node"):
+            say("ONE WORKER again", complete(1, after=shrunk))
+            cluster.add_node(num_cpus=1)
+            say("SECOND NODE ADDED")
+            shrunk = max(complete(1))
+            if wait(lambda: complete(2, after=shrunk), "the run never grew back to 2 workers"):
+                say("TWO WORKERS again", complete(2, after=shrunk))
+                # What was to be shown has happened: end here rather than train the remaining steps, at
+                # once. A ray.shutdown() under the running trainer thread races it: when that thread next
+                # calls into Ray, Ray's core worker ends the process with code 1. The test reaps the
+                # cluster by its temp dir.
+                os._exit(0)
 trainer.join()
-print("RC", result.get("rc"), f"at {time.time() - t0:.1f}s", flush=True)
+say("RC", result.get("rc"))
 ray.shutdown()
 cluster.shutdown()
 """
@@ -385,37 +408,48 @@ def _expected_slot_states(data_dir, tok_dir, num_slots, steps):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ray_elastic_run_shrinks_when_a_node_goes_and_grows_when_one_joins(ray_local, tiny_data_dir,
-                                                                           tiny_tokenizer_dir, storage, tmp_path):
-    """Head (0 CPUs) + two 1-CPU nodes, `--num-workers 1:2`. After the first 2-worker checkpoint the second node
-    dies: Ray Train restarts the group with the 1 worker that fits (the failure counts against --max-failures),
-    which resumes the newest checkpoint resharded; when a node joins, the resize check (RAYCHAT_RESIZE_CHECK_S,
-    1 s here) restarts it with 2 workers, again from the newest checkpoint; once that group has saved, the test
-    ends the run. Every checkpoint's slot states equal those of streams that never changed size: the run read
-    exactly the uninterrupted run's batches."""
+def test_ray_elastic_run_shrinks_waits_for_capacity_and_grows_as_nodes_go_and_join(ray_local, tiny_data_dir,
+                                                                                   tiny_tokenizer_dir, storage,
+                                                                                   tmp_path):
+    """Head (0 CPUs) + two 1-CPU nodes, `--num-workers 1:2 --max-failures 2`:
+
+    1. After the first 2-worker checkpoint the second node dies: Ray Train restarts the group with the 1 worker
+       that fits (one failure of the two allowed), which resumes the newest checkpoint resharded.
+    2. Once it has saved, the last node dies too (the second failure): with no room for even MIN workers,
+       every start times out (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 5 s here) and is retried without
+       spending --max-failures, for 12 s, until a node joins; the run resumes on it with 1 worker.
+    3. A second node joins: the resize check (RAYCHAT_RESIZE_CHECK_S, 1 s here) restarts the healthy group
+       with 2 workers, again from the newest checkpoint; once that group has saved, the test ends the run.
+
+    Each resize is in the checkpoint's meta, and every checkpoint's slot states equal those of streams that
+    never changed size: the run read exactly the uninterrupted run's batches."""
     import subprocess
     import sys
     import tempfile
 
     from conftest import reap_ray
-    from test_reliability import QUICK_NODE_DEATH, REPO, _subprocess_env
+    from test_reliability import REPO, _subprocess_env
 
     steps, every = 800, 20  # long enough that 1 worker is still training when the grown group starts
     ray_tmp = tempfile.mkdtemp(prefix="re", dir="/tmp")
     env = dict(_subprocess_env(ray_tmp), **QUICK_NODE_DEATH, RAYCHAT_RESIZE_CHECK_S="1",
                RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
     args = tiny_args(tiny_data_dir, tiny_tokenizer_dir, storage, "rayelastic", "--num-workers", "1:2",
-                     "--max-failures", "3", "--num-iterations", str(steps), "--save-every", str(every),
+                     "--max-failures", "2", "--num-iterations", str(steps), "--save-every", str(every),
                      "--eval-every", "-1", "--data-backend", "inline")
     out = subprocess.run([sys.executable, "-c", _ELASTIC_CLUSTER_SCRIPT, json.dumps(args)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=540)
     reap_ray(ray_tmp, timeout=0)  # the script may end with its cluster still up (see above)
     log = out.stdout + out.stderr
     (tmp_path / "elastic_cluster.log").write_text(log)
-    print("\n".join(line for line in out.stdout.splitlines() if line.startswith(("NODE", "ONE", "TWO", "RC"))))
+    print("\n".join(line for line in out.stdout.splitlines()
+                    if line.startswith(("NODE", "LAST", "SECOND", "ONE", "TWO", "RC"))))
     assert out.returncode == 0, log[-4000:]
-    for needed in ("NODE REMOVED", "ONE WORKER", "NODE ADDED", "TWO WORKERS again"):
+    for needed in ("NODE REMOVED", "ONE WORKER", "LAST NODE REMOVED", "NODE ADDED", "ONE WORKER again",
+                   "SECOND NODE ADDED", "TWO WORKERS again"):
         assert needed in out.stdout, f"{needed!r} never happened:\n{log[-4000:]}"
+    assert "worker group startup timed out after 5.0 seconds waiting for 1 workers" in log, \
+        "no start waited for capacity while no node was left"
     run = os.path.join(storage, "rayelastic")
     saved = [(s, p) for s, p in ckpt_files.list_step_dirs(run) if ckpt_files.check_complete(p) is None]
     state, meta = load_step(run, saved[-1][0])

@@ -5,17 +5,15 @@ settings, a full storage) are tested without Ray in test_loop.py.
 
 Faults come from the loop's own hooks (`--debug-fail-kind`, raychat.faults), which make a worker really die
 (os._exit / SIGKILL of its own process) at a chosen point, or from the outside: the test kills the driver's
-process group or removes a node of a two-node cluster. Driver and node tests run in subprocesses: they need
-their own Ray (one `ray.init` per process).
+process group. Driver tests run in subprocesses: they need their own Ray (one `ray.init` per process). A node's
+loss is tested on a two-node cluster in tests/test_elastic.py.
 """
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import pytest
@@ -125,75 +123,8 @@ def _descendants(pid):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. A node of a two-node cluster removed mid-run
-
-_NODE_LOSS_SCRIPT = textwrap.dedent("""
-    import json, os, sys, threading, time
-    import ray
-    from ray.cluster_utils import Cluster
-    from raychat import checkpoint as ckpt_files
-    from raychat.train import main
-
-    args = json.loads(sys.argv[1])
-    run_dir = os.path.join(args[args.index("--storage-path") + 1], args[args.index("--run-name") + 1])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]  # one worker per node
-    ray.init(address=cluster.address)
-
-    # Training runs in a thread (Ray Train supports that), the main thread changes the cluster: a node can
-    # only be added from the main thread (it installs signal handlers).
-    result = {}
-    trainer = threading.Thread(target=lambda: result.setdefault("rc", main(args)), daemon=True)
-    trainer.start()
-    first = os.path.join(run_dir, "step_000004")
-    while trainer.is_alive() and not (os.path.isdir(first) and ckpt_files.check_complete(first) is None):
-        time.sleep(0.01)
-    if trainer.is_alive():
-        cluster.remove_node(nodes[1], allow_graceful=False)
-        print("NODE REMOVED", flush=True)
-        time.sleep(12)
-        cluster.add_node(num_cpus=1)
-        print("NODE ADDED", flush=True)
-    trainer.join()
-    print("RC", result.get("rc"), flush=True)
-    ray.shutdown()
-    cluster.shutdown()
-    sys.exit(0)
-""")
-
-
-# A removed node is declared dead after 3 failed health checks 1 s apart (Ray's defaults: 5 checks 3 s apart,
-# ~15 s that the tests would spend waiting). A live node's check may still take up to 5 s on a busy machine.
-QUICK_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000",
-                    "RAY_health_check_failure_threshold": "3"}
-
-
-def _node_loss(args, tmp_path, extra_env=None):
-    ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-    env = dict(_subprocess_env(ray_tmp), **QUICK_NODE_DEATH, **(extra_env or {}))
-    out = subprocess.run([sys.executable, "-c", _NODE_LOSS_SCRIPT, json.dumps(args)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    reap_ray(ray_tmp)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    (tmp_path / "node_loss.log").write_text(out.stdout + out.stderr)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "NODE REMOVED" in out.stdout, "the node was never removed: the run ended first"
-    return out.stdout + out.stderr
-
-
-@pytest.mark.slow
-def test_node_removed_run_waits_for_capacity_then_recovers(baseline, tiny_data_dir, tiny_tokenizer_dir, storage,
-                                                           tmp_path):
-    """Head (0 CPUs) + two 1-CPU nodes, one worker each. The second node dies after the first checkpoint; for
-    12 s there is room for one worker only, so Ray Train's restarts time out (RAY_TRAIN_WORKER_GROUP_START_
-    TIMEOUT_S, 5 s here, 60 s by default) and are retried without limit; then a replacement node joins, the
-    worker group starts on it and the run ends bit-identical."""
-    args = fault_args(tiny_data_dir, tiny_tokenizer_dir, storage, "nodeloss", "--max-failures", "1")
-    log = _node_loss(args, tmp_path, {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
-    assert "RC 0" in log, log[-3000:]
-    assert "NODE ADDED" in log
-    assert "worker group startup timed out after 5.0 seconds" in log, "no restart waited for capacity"
-    assert_same_run(os.path.join(storage, "nodeloss"), baseline)
+# 4. A node of a two-node cluster removed mid-run: tests/test_elastic.py's cluster run loses both its nodes, one
+#    after the other, and waits for capacity when none is left (docs/RELIABILITY.md row 4)
 
 
 # ----------------------------------------------------------------------------------------------------
