@@ -303,7 +303,8 @@ def test_uneven_slots_two_workers_equal_one_worker(tiny_data_dir, tiny_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ray's own elastic scaling (--num-workers 1:2) on a real two-node cluster: a node removed, then one added
+# Ray's own elastic scaling (--num-workers 1:2) on a real two-node cluster: its nodes removed until none is
+# left, then added again
 
 # A removed node is declared dead after 3 failed health checks 1 s apart (Ray's defaults: 5 checks 3 s apart,
 # ~15 s that the test would spend waiting). A live node's check may still take up to 5 s on a busy machine.
