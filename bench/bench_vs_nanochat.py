@@ -96,9 +96,11 @@ def _rss_tree(root: int) -> tuple[int, dict]:
     return sum(r for r, _ in info.values()), info
 
 
-def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str | None, log_path: str) -> dict:
-    """Launch, timestamp each output line into `log_path`, poll memory every 0.25 s. `trainer_match`: a cmdline
-    substring that names the training process inside the tree (None: the launched process itself)."""
+def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str | None, log_path: str,
+        echo: bool = False) -> dict:
+    """Launch, timestamp each output line into `log_path` (and stdout with `echo`), poll memory every 0.25 s.
+    `trainer_match`: a cmdline substring that names the training process inside the tree (None: the launched
+    process itself)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
@@ -121,6 +123,8 @@ def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str 
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             log.write(f"{time.perf_counter() - t0:8.2f} {line}")
+            if echo:
+                print(f"    | {line}", end="", flush=True)
             if v := VAL_BPB.search(line):
                 val_bpb = float(v.group(2))  # the last evaluation's
             m = STEP.search(line)
@@ -142,7 +146,8 @@ def run(cmd: list[str], cwd: str, env: dict, timeout: float, trainer_match: str 
     n = max(steps)
     timed = [steps[s][0] for s in sorted(steps) if 10 < s < n] or [steps[s][0] for s in sorted(steps)]
     return {"dt": statistics.median(timed), "startup": first_step, "loss": steps[n][1], "wall": time.perf_counter() - t0,
-            "rss_trainer": peak["trainer"], "rss_tree": peak["tree"], "last_step": n, "val_bpb": val_bpb}
+            "rss_trainer": peak["trainer"], "rss_tree": peak["tree"], "last_step": n, "val_bpb": val_bpb,
+            "lines": lines}
 
 
 def model_flags(a, depth: int, total_batch: int, steps: int) -> list[str]:

@@ -77,8 +77,10 @@ class TrainConfig:
     compute_dtype: str = flag("auto", "auto|bf16|fp32: the 2026-07 recipe's compute dtype (weights stay fp32 and "
                                       "are cast in forward; auto = bf16 on CUDA from sm80, fp32 elsewhere, like "
                                       "nanochat's NANOCHAT_DTYPE); the seed recipe uses bf16 autocast on CUDA")
-    fp8: bool = flag(False, "FP8 matmuls in training (2026-07 recipe, CUDA H100+ with --compile; not available yet)")
-    fp8_recipe: str = flag("tensorwise", "tensorwise|rowwise: FP8 scaling recipe")
+    fp8: bool = flag(False, "FP8 matmuls in training (--recipe 2026-07 on CUDA GPUs of compute capability 8.9+, "
+                     "H100 and later); evaluation and sampling stay bf16")
+    fp8_recipe: str = flag("tensorwise", "tensorwise (the reference's: one scale per tensor) | rowwise (one per "
+                           "row, power-of-two scales): FP8 scaling")
     depth: int = flag(20, "depth of the Transformer model")
     aspect_ratio: int = flag(64, "model_dim = depth * aspect_ratio")
     head_dim: int = flag(128, "target head dimension for attention")
@@ -200,8 +202,12 @@ class TrainConfig:
              "the seed recipe computes as nanochat 07c4dd4 did (bf16 autocast on CUDA, fp32 elsewhere); the "
              "compute dtype is a --recipe 2026-07 setting")
         need(self.fp8_recipe in ("tensorwise", "rowwise"), "fp8_recipe", "must be tensorwise or rowwise")
-        need(not self.fp8, "fp8", "FP8 training is not available in raychat yet (nanochat 92d63d4 runs it on "
-             "H100-class GPUs with torch.compile only); train in bf16 (--compute-dtype auto on CUDA)")
+        if self.fp8:
+            need(self.recipe != "seed", "fp8", "FP8 training is a --recipe 2026-07 option (nanochat 07c4dd4 had none)")
+            need(self.device_type in ("", "cuda"), "fp8", f"FP8 matmuls need a CUDA GPU, not --device-type "
+                 f"{self.device_type}: leave --fp8 off")
+            need(self.compute_dtype in ("auto", "bf16"), "fp8", "FP8 training computes everything else in bf16: "
+                 "leave --compute-dtype auto or set bf16")
         need(self.total_batch_size == -1 or self.total_batch_size > 0, "total_batch_size",
              "must be a positive number of tokens, or -1 for auto")
         need(self.total_batch_size != -1 or self.target_param_data_ratio > 0, "total_batch_size",

@@ -19,6 +19,7 @@ from raychat.common import slot_range
 from raychat.config import TrainConfig, derive
 from raychat.device import DeviceContext
 from raychat.faults import FaultInjector
+from raychat.fp8 import check_device as check_fp8_device, fp8_disabled, to_fp8
 from raychat.inputs import check_unchanged, fingerprint, read_tokenizer_files
 from raychat.loop_state import LoopState
 from raychat.runs import run_dir
@@ -99,6 +100,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     # --- device, seeds, precision ---
     dev = DeviceContext.for_session(session, cfg.device_type, cfg.recipe, cfg.compute_dtype)
     device = dev.device
+    if cfg.fp8:
+        check_fp8_device(device)
     torch.manual_seed(42)  # the same seed on every rank: identical init, nothing broadcast
     if dev.type == "cuda":
         torch.cuda.manual_seed(42)
@@ -120,6 +123,10 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
     model.init_weights(compute_dtype=dev.compute_dtype)
     if dev.compute_dtype is not None:
         log(f"Compute dtype: {str(dev.compute_dtype).removeprefix('torch.')} (--compute-dtype {cfg.compute_dtype})")
+    if cfg.fp8:  # before compile; the same parameters, so the optimizer and state dict do not change
+        converted, linears = to_fp8(model, cfg.fp8_recipe)
+        log(f"FP8: {cfg.fp8_recipe} scaling in {converted} of {linears} Linears (the others are under 128 wide); "
+            "evaluation and samples in bf16")
     attention = attention_path(model.window_sizes, cfg.max_seq_len, dev.type)
     log(f"Attention: {attention}")
     orig_model = model  # uncompiled: sampling, CORE and the saved state dict (no `_orig_mod.` keys)
@@ -179,7 +186,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             model.eval()
             # A fresh stream each time, so every evaluation sees the same batches (tokenized inline: it is
             # small, and starting an actor pool per evaluation would cost more).
-            with val_stream(val_file, tokenizer, B, T, rank, world_size) as val_batches, dev.autocast():
+            with val_stream(val_file, tokenizer, B, T, rank, world_size) as val_batches, dev.autocast(), \
+                    fp8_disabled(orig_model):
                 state.val_bpb = evaluate_bpb(model, (dev.to_device(vx, vy) for vx, vy in val_batches),
                                              eval_steps, token_bytes)
             log(f"Step {step:05d} | Validation bpb: {state.val_bpb:.6f}")
@@ -195,8 +203,10 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             from raychat.core_eval import download_eval_bundle, evaluate_core
 
             model.eval()
-            core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=cfg.core_metric_max_per_task,
-                                         bundle_dir=download_eval_bundle(cfg.base_dir), autocast_ctx=dev.autocast())
+            with fp8_disabled(orig_model):
+                core_results = evaluate_core(orig_model, tokenizer, device, max_per_task=cfg.core_metric_max_per_task,
+                                             bundle_dir=download_eval_bundle(cfg.base_dir),
+                                             autocast_ctx=dev.autocast())
             core_metric = core_results["core_metric"]
             log(f"Step {step:05d} | CORE metric: {core_metric:.4f}")
             state.record("core_metric", core_metric)
@@ -211,7 +221,7 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
             engine = Engine(orig_model, tokenizer)
             for prompt in SAMPLE_PROMPTS:
                 tokens = tokenizer(prompt, prepend="<|bos|>")
-                with dev.autocast():
+                with dev.autocast(), fp8_disabled(orig_model):
                     sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
                 log(tokenizer.decode(sample[0]))
             orig_model.train()

@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, sized for the 15 minutes of device time a lent GPU machine gives (its start
-# included): the CUDA tests (torch.compile of model and optimizer, an NCCL group bound to its GPU, bf16,
-# FlexAttention and FA3, checkpoint staging into page-locked memory, checkpoint dtypes across devices, the
-# NaN check that does not wait before the update), MFU at the reference's d12 configuration, and the
-# step-loop pause for a d20 checkpoint.
+# included), in order of what matters most:
+#   env         torch / CUDA / NCCL, the GPU and the peak FLOPs raychat's MFU uses, each side's attention path,
+#               the loop, model and optimizer imported without Ray
+#   mfu         raychat's loop beside nanochat 07c4dd4's own base_train at the reference's d12 (T 2048, B 32,
+#               SSSL, vocab 32768): tok/s, MFU, peak memory, recompiles (bench/bench_gpu.py)
+#   tests       the CUDA tests: compile of model and optimizer, NCCL bound to its GPU, checkpoint staging and
+#               dtypes, FlexAttention/FA3 against references, the NaN check, FP8 matmuls and an FP8 run, and a
+#               run end to end (eval, samples, saves, a resume from step 4, eager steps)
+#   fp8         --recipe 2026-07 at d12: bf16 against --fp8 tensorwise and rowwise
+#   fit         d20 at B 32, T 2048: peak memory against an 80 GB H100
+#   checkpoint  the step loop's pause for a d20 checkpoint (not in the default list)
 #
 #   bash scripts/gpu_check.sh prepare                    # here, in the project's venv: writes .gpu/ (bench
-#                                                        # shards and a 32768-token tokenizer; the GPU machine
-#                                                        # reaches no network), which the run carries
+#                                                        # shards, a 32768-token tokenizer, a copy of the peer
+#                                                        # nanochat 07c4dd4 and its two missing imports; the GPU
+#                                                        # machine reaches no network), which the run carries
 #   bash scripts/gpu_check.sh run [OUT_DIR]              # on the GPU machine, .gpu/ beside the code; OUT_DIR
-#                                                        # defaults to $OUT (about 6-8 min estimated on an H100)
+#                                                        # defaults to $OUT (at most 545 s by the limits)
 #   bash scripts/gpu_check.sh run --device-type cpu DIR  # every step here, small and on the CPU: a rehearsal
 #
-# Each step streams its output into OUT_DIR/<step>.txt as it runs (5 files in all), under a time limit of its
-# own, so a run cut short still returns what it did. GPU_CHECK_PARTS picks steps (default: all, in the order
-# below). `run` needs torch, pyarrow, tiktoken, numpy, pyyaml and pytest, and no Ray: the MFU run is
-# bench_train's `local` loop, whose step code is the same under Ray.
+# Each step streams its output into OUT_DIR/<step>.txt as it runs, under a time limit of its own, so a run cut
+# short still returns what it did. GPU_CHECK_PARTS picks steps (default: env mfu tests fp8 fit, in that order).
+# `run` needs torch, pyarrow, tiktoken, numpy, pyyaml and pytest, and no Ray: the MFU runs are bench_train's
+# `local` loop, whose step code is the same under Ray.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=.gpu
@@ -46,12 +54,38 @@ step() {
 }
 
 wanted() {
-  [[ " ${GPU_CHECK_PARTS:-env mfu tests checkpoint} " == *" $1 "* ]]
+  [[ " ${GPU_CHECK_PARTS:-env mfu tests fp8 fit} " == *" $1 "* ]]
 }
 
 case "${1:-}" in
   prepare)
     "$PY" -c "from bench.bench_train import prepare_bench_data; print(prepare_bench_data('$CACHE', $VOCAB))"
+    # The peer, copied from where this workspace keeps it (bench.peers), and the two imports of its base_train
+    # that the GPU image lacks: rustbpe (its wheel for the image's Python 3.12, unpacked) and wandb (never
+    # called with --run=dummy: an empty stand-in).
+    "$PY" - "$CACHE" <<'PYEOF'
+import os, shutil, subprocess, sys, tempfile, zipfile
+from bench import peers
+cache = sys.argv[1]
+src = peers.default_dir("07c4dd4")
+if (why := peers.problem(src, os.path.join("scripts", "base_train.py"), commit="07c4dd4")):
+    sys.exit(f"gpu_check: {why}")
+dst = os.path.join(cache, "nanochat-07c4dd4")
+shutil.rmtree(dst, ignore_errors=True)
+shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+site = os.path.join(cache, "peer_site")
+shutil.rmtree(site, ignore_errors=True)
+os.makedirs(os.path.join(site, "wandb"))
+with open(os.path.join(site, "wandb", "__init__.py"), "w") as f:
+    f.write('"""A stand-in: nanochat imports wandb, and with --run=dummy never calls it."""\n')
+with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_17_x86_64",
+                    "--platform", "manylinux2014_x86_64", "-d", tmp, "rustbpe==0.1.0"], check=True)
+    for wheel in os.listdir(tmp):
+        zipfile.ZipFile(os.path.join(tmp, wheel)).extractall(site)
+print(f"peer: {dst}, its missing imports: {site} ({', '.join(sorted(os.listdir(site)))})")
+PYEOF
     du -sh "$CACHE"
     ;;
   run)
@@ -66,7 +100,8 @@ case "${1:-}" in
     [[ -n "$out" ]] || die "no output directory: pass OUT_DIR or set OUT"
     mkdir -p "$out"
     # Stop before any step when an input is missing: the GPU minutes are for measuring.
-    for f in "$CACHE/data/val.parquet" "$CACHE/tokenizer_$VOCAB/tokenizer.pkl"; do
+    for f in "$CACHE/data/val.parquet" "$CACHE/tokenizer_$VOCAB/tokenizer.pkl" \
+      "$CACHE/nanochat-07c4dd4/scripts/base_train.py" "$CACHE/peer_site/wandb/__init__.py"; do
       [[ -f "$f" ]] || die "$f is missing: run 'bash scripts/gpu_check.sh prepare' here and carry $CACHE"
     done
     "$PY" -c "import numpy, pyarrow, pytest, tiktoken, torch, yaml" 2>/dev/null \
@@ -74,34 +109,66 @@ case "${1:-}" in
     if [[ "$device" == cuda ]]; then
       "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" \
         || die "torch sees no CUDA GPU here (rehearse with --device-type cpu)"
-      # The reference's d12: T 2048, B 32, 2^19 tokens a step, the SSSL window pattern; compiled.
-      mfu=(--depth 12 --max-seq-len 2048 --device-batch-size 32 --total-batch-size 524288 --steps 30)
+      # The reference's d12: T 2048, B 32, 2^19 tokens a step; d20 for the fit.
+      gpu=(--device-type cuda)
       ckpt=(--depths 20 --loop-seq-len 2048 --scratch "${TMPDIR:-/tmp}")
-      limits=(240 300 150)
+      limits=(25 230 130 130 30 150)  # 545 s for the default steps: a 580 s call
     else
-      mfu=(--depth 2 --max-seq-len 256 --device-batch-size 2 --total-batch-size 1024 --steps 14)
+      # The same runs, tiny: nanochat on the CPU in its own fp32 and raychat's loop; FP8 needs a GPU.
+      gpu=(--device-type cpu --depth 2 --fit-depth 2 --max-seq-len 256 --device-batch-size 2 --total-batch-size 1024
+        --steps 14)
       ckpt=(--depths 2 --loop-seq-len 256 --threads 1 --scratch "${TMPDIR:-/tmp}")
-      limits=(300 300 300)
+      limits=(60 300 300 300 300 300)
     fi
     status=0
     if wanted env; then
-      step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; \
-$PY -c \"import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')\""
+      step env "${limits[0]}" bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm \
+--format=csv || true; $PY - $device <<'PYEOF'
+import os, subprocess, sys
+import torch
+device = sys.argv[1]
+cuda = device == 'cuda'
+print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| NCCL',
+      '.'.join(map(str, torch.cuda.nccl.version())) if cuda else '-', '| python', sys.version.split()[0])
+import raychat.loop, raychat.model, raychat.optim  # noqa: E401
+assert 'ray' not in sys.modules, 'the loop, model or optimizer imported Ray'
+print('raychat loop, model and optimizer imported without Ray')
+from raychat.attention import attention_path
+from raychat.device import get_peak_flops
+from raychat.model import GPTConfig, window_sizes
+name = torch.cuda.get_device_name() if cuda else 'cpu'
+print('device:', name, '| capability', torch.cuda.get_device_capability() if cuda else '-',
+      '| peak FLOPs raychat uses for MFU:', get_peak_flops(name) if cuda else 'inf (CPU)')
+sizes = window_sizes(GPTConfig(sequence_len=2048, n_layer=12, window_pattern='SSSL'))
+print('raychat attention at d12 SSSL, T 2048:', attention_path(sizes, 2048, device))
+peer = subprocess.run([sys.executable, '-c', 'from nanochat.flash_attention import HAS_FA3; print(HAS_FA3)'],
+                      cwd='.gpu/nanochat-07c4dd4', env=dict(os.environ, PYTHONPATH='.'), capture_output=True,
+                      text=True)
+fa3 = peer.stdout.strip()
+print('nanochat 07c4dd4 attention:', 'FA3' if fa3 == 'True' else
+      'SDPA (sliding windows as full-context SDPA with a T x T mask)' if fa3 == 'False' else peer.stderr[-500:])
+PYEOF"
     fi
     if wanted mfu; then
-      step mfu "${limits[0]}" "$PY" -m bench.bench_train --device-type "$device" "${mfu[@]}" --vocab-size "$VOCAB" \
-        --window-pattern SSSL --repeats 1 --kinds local --stall-batches 0 --cache-dir "$CACHE"
+      step mfu "${limits[1]}" "$PY" -m bench.bench_gpu --parts mfu "${gpu[@]}" --cache-dir "$CACHE"
     fi
     if wanted tests; then
       # Only what needs the GPU: test_cuda's CUDA cases, the CUDA/Flex/FA3 attention tests and the paths that
       # choose them, the bf16 dataflow check.
-      step tests "${limits[1]}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_attention.py \
-        tests/test_model.py -k "(test_cuda and not cpu) or (test_attention and (cuda or fa3 or flex or override \
+      step tests "${limits[2]}" "$PY" -m pytest -q -rs --durations=12 -p no:cacheprovider tests/test_cuda.py \
+        tests/test_attention.py tests/test_model.py -k "(test_cuda and not cpu) or (test_attention and (cuda or fa3 or flex or override \
 or attention_path)) or (test_model and cuda)"
     fi
+    if wanted fp8 && [[ "$device" == cuda ]]; then
+      # rowwise is checked by the tests; the timing is tensorwise's, the reference's recipe
+      step fp8 "${limits[3]}" "$PY" -m bench.bench_gpu --parts fp8 --fp8-recipes tensorwise "${gpu[@]}" \
+        --cache-dir "$CACHE"
+    fi
+    if wanted fit; then
+      step fit "${limits[4]}" "$PY" -m bench.bench_gpu --parts fit "${gpu[@]}" --cache-dir "$CACHE"
+    fi
     if wanted checkpoint; then
-      step checkpoint "${limits[2]}" "$PY" -m bench.bench_checkpoint --device "$device" --parts loop "${ckpt[@]}"
+      step checkpoint "${limits[5]}" "$PY" -m bench.bench_checkpoint --device "$device" --parts loop "${ckpt[@]}"
     fi
     echo "gpu_check: done (status $status); outputs in $out"
     exit "$status"

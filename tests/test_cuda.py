@@ -5,6 +5,7 @@ side stream). Each check runs on CUDA when a GPU is present (bf16 autocast, as t
 CPU are slow (inductor's C++ compile: ~30 s each on 2 cores) and marked so.
 """
 import contextlib
+import os
 
 import pytest
 import torch
@@ -278,3 +279,79 @@ def test_nan_stop_on_cuda_reads_the_flag_after_the_update(cuda_only, tiny_data_d
     assert set(_reads_between_flag_and_update(events)) == {0}
     run = ckpt_files.list_step_dirs(f"{storage}/nan-cuda")
     assert [s for s, _ in run] == [4, 8] and all(ckpt_files.check_complete(p) is None for _, p in run)
+
+
+def test_fp8_matmuls_on_cuda_are_fp8_close_to_exact(cuda_only):
+    """cuBLAS's FP8 GEMMs (tensorwise) and the rowwise kernel, forward and both gradients, on the fixture's
+    inputs: as close to the exact matmul as on the CPU (tests/test_fp8.py), so FP8 really ran."""
+    from test_fp8 import FIXTURE, rel
+
+    from raychat.fp8 import RowwiseMatmul, TensorwiseMatmul
+
+    for case in torch.load(FIXTURE, weights_only=True)["cases"]:
+        case = {k: v.cuda() for k, v in case.items()}
+        outs = {}
+        for name, fn in (("exact", lambda x, w: x.float() @ w.t()), ("tensorwise", TensorwiseMatmul.apply),
+                         ("rowwise", RowwiseMatmul.apply)):
+            x = case["x"].clone().requires_grad_(True)
+            w = torch.nn.Parameter(case["w"].float())
+            y = fn(x, w)
+            y.backward(case["dy"])
+            outs[name] = (y, x.grad, w.grad)
+        for name in ("tensorwise", "rowwise"):
+            errs = [rel(got, want) for got, want in zip(outs[name], outs["exact"])]
+            assert all(1e-2 < e < 8e-2 for e in errs), (name, errs)
+        # and near the CPU's result of the same recipe (cuBLAS accumulates in its own order)
+        assert rel(outs["tensorwise"][0].cpu(), case["y"].cpu()) < 2e-2
+
+
+def test_fp8_run_on_cuda_trains_compiled_and_evaluates_in_bf16(cuda_only, tiny_data_dir, tiny_tokenizer_dir,
+                                                               storage, capsys):
+    """The loop with --recipe 2026-07 --fp8, compiled (as the reference runs it): the Linears of 128 and more
+    are FP8 in training, bf16 in evaluation, and the run learns like its bf16 twin."""
+    from conftest import tiny_config, train_local
+
+    from raychat.fp8 import check_device
+
+    check_device(torch.device("cuda", torch.cuda.current_device()))  # an H100/H200 passes
+    flags = ("--recipe", "2026-07", "--device-type", "cuda", "--aspect-ratio", "64", "--head-dim", "64",
+             "--compile", "true", "--total-batch-size", "1024")
+    bf16, _ = train_local(tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "bf16-cuda", *flags))
+    fp8, _ = train_local(tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "fp8-cuda", *flags, "--fp8"))
+    out = capsys.readouterr().out
+    assert "FP8: tensorwise scaling in 13 of 15 Linears" in out, out[-3000:]
+    assert fp8["stopped"] is None and fp8["device_type"] == "cuda"
+    assert abs(fp8["val_bpb"] - bf16["val_bpb"]) < 0.05 * bf16["val_bpb"], (fp8["val_bpb"], bf16["val_bpb"])
+
+
+def test_cuda_run_evaluates_samples_saves_and_resumes_within_tolerance(cuda_only, tiny_data_dir, tiny_tokenizer_dir,
+                                                                         storage, capsys):
+    """raychat end to end on the GPU, compiled: 16 steps with eval, samples and a save every 4; a second run
+    resumed from step 4 of the first ends near it (CUDA kernels are not bit-deterministic); two eager steps."""
+    import shutil
+
+    from conftest import STEPS, load_step, tiny_config, train_local
+
+    flags = ("--device-type", "cuda", "--depth", "4", "--aspect-ratio", "64", "--head-dim", "64", "--compile", "true",
+             "--eval-every", "4", "--sample-every", "4", "--save-every", "4")
+    full, _ = train_local(tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "e2e", *flags))
+    out = capsys.readouterr().out
+    assert full["device_type"] == "cuda" and full["stopped"] is None and full["val_bpb"] < 6
+    assert out.count("<|bos|>The capital of France is") == STEPS // 4  # samples at 4, 8, 12, 16
+    assert [s for s, _ in ckpt_files.list_step_dirs(f"{storage}/e2e")] == [4, 8, 12, 16]
+    os.makedirs(f"{storage}/e2e-resumed")
+    step4 = ckpt_files.step_dir_name(4)
+    shutil.copytree(f"{storage}/e2e/{step4}", f"{storage}/e2e-resumed/{step4}")
+    resumed, _ = train_local(tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "e2e-resumed", *flags))
+    assert "Resuming from step 4" in capsys.readouterr().out
+    assert abs(resumed["val_bpb"] - full["val_bpb"]) < 2e-3 * full["val_bpb"], (resumed["val_bpb"], full["val_bpb"])
+    (a, meta_a), (b, meta_b) = load_step(f"{storage}/e2e", STEPS), load_step(f"{storage}/e2e-resumed", STEPS)
+    for k in a:
+        diff = float((a[k].float() - b[k].float()).norm()) / max(float(a[k].float().norm()), 1e-12)
+        assert diff < 2e-2, (k, diff)
+    losses = dict(meta_a["history"]["train_loss"])
+    for step, loss in meta_b["history"]["train_loss"]:
+        assert abs(loss - losses[step]) < 1e-2 * losses[step], (step, loss, losses[step])
+    eager, _ = train_local(tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "e2e-eager", *flags[:-8],
+                                       "--compile", "false", "--num-iterations", "2", "--eval-every", "-1"))
+    assert eager["step"] == 2 and eager["stopped"] is None
