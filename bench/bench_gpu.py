@@ -13,12 +13,13 @@ Every run is a fresh process; its output goes to stdout as it comes (a run cut s
   wait, and the attention path each side prints.
 - `fp8`: raychat `--recipe 2026-07` at d12 (T 2048, B 32, total batch 2^17), bf16 against `--fp8` (--fp8-recipes:
   tensorwise and rowwise): tok/s, MFU, loss at the last step, peak memory.
-- `fit`: raychat at d20 (B 32, T 2048, two micro-batches, eager: the upper bound of the compiled peak), its
-  peak memory against an 80 GB H100.
+- `fit`: raychat at d20 (B 32, T 2048, two micro-batches, compiled as training runs: eager, the model keeps
+  ~131 GB at its peak on an H200), its peak memory against an 80 GB H100.
 
 The peer runs from a copy of its checkout (`--nanochat-dir`, carried to the GPU machine by gpu_check.sh) with
-`--peer-site` on its PYTHONPATH: the GPU image lacks two of its imports, rustbpe (a wheel, extracted there) and
-wandb, which base_train imports but never calls with --run=dummy (an empty stand-in module).
+`--peer-site` on its PYTHONPATH: the GPU image lacks two of its imports, rustbpe (its wheel, unpacked into
+.gpu/site, which raychat's tests use too) and wandb, which base_train imports but never calls with --run=dummy
+(an empty stand-in in .gpu/peer_site).
 """
 import argparse
 import os
@@ -88,7 +89,7 @@ class Sides:
         env.update(NANOCHAT_BASE_DIR=self.peer_base)
         env.pop("PYTHONPATH")
         if self.a.device_type == "cuda":  # the GPU image's python; a CPU rehearsal's peer venv has both packages
-            env["PYTHONPATH"] = os.path.abspath(self.a.peer_site)
+            env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(d) for d in self.a.peer_site)
         cmd = [self.a.peer_python, "-m", "scripts.base_train", *flags, f"--device-type={self.a.device_type}",
                "--run=dummy"]
         return self._run("nanochat", cmd, self.a.nanochat_dir, env, tokens)
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--device-type", default="cuda", help="cuda; cpu rehearses every run small (gpu_check.sh)")
     p.add_argument("--cache-dir", default=".gpu", help="gpu_check.sh prepare's shards and tokenizer")
     p.add_argument("--nanochat-dir", default=os.path.join(".gpu", "nanochat-07c4dd4"))
-    p.add_argument("--peer-site", default=os.path.join(".gpu", "peer_site"))
+    p.add_argument("--peer-site", nargs="+", default=[os.path.join(".gpu", "peer_site"), os.path.join(".gpu", "site")],
+                   help="directories put on the peer's PYTHONPATH on a GPU machine")
     p.add_argument("--peer-python", default="", help="the peer's python (default: this one on a GPU machine, whose "
                    "image has the peer's packages; the peer's venv, bench.peers.PEER_PYTHON, for a CPU rehearsal)")
     p.add_argument("--timeout", type=float, default=400, help="seconds per run")
@@ -161,10 +163,9 @@ def main(argv=None) -> int:
 
     if "fit" in a.parts:
         total = 2 * a.device_batch_size * a.max_seq_len
-        print(f"\n--- fit: raychat d{a.fit_depth}, B {a.device_batch_size}, T {a.max_seq_len}, two micro-batches, "
-              "eager ---", flush=True)
-        fit = sides.raychat([*shape_flags(a, a.fit_depth, total, 3, "SSSL"), "--compile", "false"], total,
-                            f"raychat-d{a.fit_depth}")
+        print(f"\n--- fit: raychat d{a.fit_depth}, B {a.device_batch_size}, T {a.max_seq_len}, two micro-batches ---",
+              flush=True)
+        fit = sides.raychat(shape_flags(a, a.fit_depth, total, 3, "SSSL"), total, f"raychat-d{a.fit_depth}")
         print(f"  d{a.fit_depth} peak memory {fit['peak_mib']:,.0f} MiB = {100 * fit['peak_mib'] / H100_MIB:.0f}% of "
               f"an 80 GB H100", flush=True)
 

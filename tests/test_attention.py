@@ -53,7 +53,7 @@ def forward_and_grads(q, k, v, window):
     """flash_attn_func's output and the gradients of q, k and v for a fixed random upstream gradient."""
     q, k, v = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     y = flash_attn_func(q, k, v, window_size=(window, 0))
-    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype))
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype))
     return [y.detach()] + [t.grad for t in (q, k, v)]
 
 

@@ -81,8 +81,18 @@ def test_compiled_model_matches_eager(compile_device):
     for name, g in eager_grads.items():
         assert torch.isfinite(compiled_grads[name]).all(), name
         diff = (compiled_grads[name] - g).norm()
-        assert diff <= 0.05 * g.norm() + 1e-6, f"{name}: compiled grad differs from eager by {diff:.3g} " \
-                                               f"(eager grad norm {g.norm():.3g})"
+        bound = scalar_bound(name, device, 0.05)
+        assert diff <= bound * g.norm() + 1e-6, f"{name}: compiled grad differs from eager by {diff:.3g} " \
+                                                f"(eager grad norm {g.norm():.3g}, bound {bound} of it)"
+
+
+def scalar_bound(name: str, device: str, bound: float) -> float:
+    """The relative bound of a compiled-vs-eager check, looser for the per-layer lambdas under CUDA's bf16
+    autocast: their gradient sums every activation of the layer and nearly cancels in this tiny model (norm
+    ~7e-4 after two steps), so the roundings of bf16 terms and CUDA's unordered reductions move it by ~10%
+    (0.11 of the gradient and 0.19 of a 3-step update, on an H200 on 2026-12-04); the matrices stay within
+    `bound`."""
+    return 0.4 if device == "cuda" and name.endswith("_lambdas") else bound
 
 
 @pytest.mark.parametrize("ortho", ["fp32", "bf16"])
@@ -113,7 +123,7 @@ def test_compiled_optimizer_kernels_match_eager(compile_device, ortho, monkeypat
         if ortho == "bf16" and device == "cpu":
             bound = 1.5 * (results[False, "fp32"][name] - eager[name]).norm() / update + 0.01
         else:
-            bound = 0.05
+            bound = scalar_bound(name, device, 0.05)
         assert rel < bound, f"{name}: compiled update differs from eager by {rel:.3f} of the update (bound {bound:.3f})"
     if ortho == "bf16" and device == "cpu":
         # Compiled bf16 is the reference's arithmetic. Without compiled kernels eager fp32 comes closer to it than
