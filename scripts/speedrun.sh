@@ -43,9 +43,9 @@ esac
 BUCKET_URI="${BUCKET_URI%/}"
 RECIPE="${RECIPE:-seed}"                      # seed (nanochat 07c4dd4) or 2026-07 (nanochat 92d63d4)
 case "$RECIPE" in
-    # nanochat's leaderboard runs: run 1 (d24, ratio 12, FineWeb-Edu) and run 6 (d24, ratio 8, ClimbMix)
-    seed) SOURCE=fineweb-edu; SUBDIR=base_data; DEFAULT_SHARDS=370; RATIO=12 ;;
-    2026-07) SOURCE=climbmix; SUBDIR=base_data_climbmix; DEFAULT_SHARDS=170; RATIO=8 ;;
+    # nanochat's leaderboard runs: run 1 (d24, ratio 12, FineWeb-Edu) and run 6 (d24, ratio 8, ClimbMix, FP8)
+    seed) SOURCE=fineweb-edu; SUBDIR=base_data; DEFAULT_SHARDS=370; RATIO=12; FP8="" ;;
+    2026-07) SOURCE=climbmix; SUBDIR=base_data_climbmix; DEFAULT_SHARDS=170; RATIO=8; FP8="--fp8" ;;
     *) echo "speedrun.sh: RECIPE='$RECIPE' must be seed or 2026-07" >&2; exit 2 ;;
 esac
 RUN_NAME="${RUN_NAME:-speedrun-d24}"          # the training run's identity: the same name resumes it
@@ -118,7 +118,7 @@ wait_job data-all
 #    accum 2). raychat additions: one Ray Train worker per GPU, checkpoints to the bucket every 1000 steps
 #    (the reference saves only at the end) so a lost node costs minutes, and automatic retries.
 submit train --entrypoint-num-cpus=1 -- python -m raychat.train \
-    --run="$WANDB_RUN" --recipe="$RECIPE" --depth=24 --target-param-data-ratio="$RATIO" --device-batch-size=16 \
+    --run="$WANDB_RUN" --recipe="$RECIPE" --depth=24 --target-param-data-ratio="$RATIO" --device-batch-size=16 $FP8 \
     --num-workers=8 --use-gpu=true --cpus-per-worker=16 \
     --run-name="$RUN_NAME" --storage-path="$STORAGE" --data-dir="$DATA_DIR" \
     --save-every=1000 --keep-checkpoints=2 --max-failures=3

@@ -241,6 +241,17 @@ def test_speedrun_dry_run_follows_the_reference_order():
     for flag in ["--depth=24", "--target-param-data-ratio=12", "--device-batch-size=16", "--num-workers=8",
                  "--storage-path=s3://my-bucket/raychat/runs", "--data-dir=s3://my-bucket/raychat/base_data"]:
         assert flag in train_argv
+    assert "--fp8" not in train_argv
+
+
+def test_speedrun_2026_07_trains_leaderboard_run_6():
+    """nanochat's run 6: d24, ratio 8, ClimbMix, FP8 matmuls."""
+    r = _speedrun_dry_run(BUCKET_URI="s3://my-bucket/raychat", RECIPE="2026-07")
+    assert r.returncode == 0, r.stderr
+    train_argv = next(argv for argv in _entrypoints(r.stdout) if argv[2] == "raychat.train")
+    for flag in ["--recipe=2026-07", "--depth=24", "--target-param-data-ratio=8", "--fp8",
+                 "--data-dir=s3://my-bucket/raychat/base_data_climbmix"]:
+        assert flag in train_argv, (flag, train_argv)
 
 
 @pytest.mark.parametrize("bucket,message", [(None, "set BUCKET_URI"), ("/local/dir", "must start with s3://")])
