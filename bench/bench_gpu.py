@@ -4,8 +4,10 @@
         [--nanochat-dir .gpu/nanochat-07c4dd4] [--peer-site .gpu/peer_site] [--device-type cuda]
 
 Every run is a fresh process; its output goes to stdout as it comes (a run cut short still shows where it got).
-- `mfu`: the reference's d12 (T 2048, B 32, total batch 2^19 = 8 micro-batches on one GPU, head dim 128, the
-  bench tokenizer's 32768 tokens) for each window pattern of --patterns, nanochat's own `scripts/base_train`
+Every part trains on the same data: the bench tokenizer's 32768 tokens (bench_train.prepare_bench_data) over
+FineWeb-sized documents (`long_doc_shards`, the default `--docs long`).
+- `mfu`: the reference's d12 (T 2048, B 32, total batch 2^19 = 8 micro-batches on one GPU, head dim 128) for
+  each window pattern of --patterns, nanochat's own `scripts/base_train`
   and raychat's loop (bench_train's LocalSession child: the step code that runs under Ray), alternately. Both
   compiled, OMP_NUM_THREADS=1 (torchrun's setting), the same allocator setting (PYTORCH_ALLOC_CONF, set by
   gpu_check.sh) and TORCH_LOGS=recompiles. Per run: median dt of steps 11..N-1, tok/s, each side's own MFU
@@ -32,6 +34,7 @@ from bench import peers
 from bench.bench_train import REPO, bench_env, prepare_bench_data
 from bench.bench_vs_nanochat import run, write_peer_layout
 
+SHAKESPEARE_GZ = os.path.join(REPO, "tests", "data", "tinyshakespeare.txt.gz")
 MFU = re.compile(r"\| mfu: ([\d.]+)")
 WAIT = re.compile(r"data wait: ([\d.]+)ms")
 PEAK = re.compile(r"Peak memory usage(?: \(host RSS\))?: ([\d.]+)\s*MiB")
@@ -39,6 +42,36 @@ STEP0 = re.compile(r"step 0*0/")
 ATTENTION = re.compile(r"Attention:|Flash Attention|FA3|SDPA|FlexAttention", re.I)
 VOCAB = 32768
 H100_MIB = 80 * 1024
+
+
+def long_doc_shards(root: str, files: int = 4, groups: int = 2, docs: int = 500, chars: int = 4300,
+                    seed: int = 0) -> str:
+    """`root`/data_long: shards of FineWeb-sized documents (~1,000 tokens: slices of tinyshakespeare of 0.5-1.5 x
+    `chars` characters), `groups` row groups of `docs` a file (8 row groups: one for each of the 8 data slots
+    of a 2^19-token step on one GPU), and a val shard of the same kind. The data path pays per document, and
+    tinyshakespeare's own paragraphs (~35 tokens) would make a fast GPU wait on packing where FineWeb would
+    not. Cached: made once."""
+    import gzip
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = os.path.join(root, "data_long")
+    names = [f"shard_{i:05d}.parquet" for i in range(files)] + ["val.parquet"]
+    if all(os.path.exists(os.path.join(out, n)) for n in names):
+        return out
+    os.makedirs(out, exist_ok=True)
+    text = gzip.open(SHAKESPEARE_GZ, "rt", encoding="utf-8").read()
+    rng = random.Random(seed)
+    for name in names:
+        rows = []
+        for _ in range(groups * docs if name != "val.parquet" else docs // 2):
+            n = int(rng.uniform(0.5, 1.5) * chars)
+            start = rng.randrange(len(text) - n)
+            rows.append(text[start:start + n])
+        pq.write_table(pa.table({"text": pa.array(rows, pa.string())}), os.path.join(out, name), row_group_size=docs)
+    return out
 
 
 def describe(lines: list[str], r: dict, tokens: int) -> dict:
@@ -122,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--fp8-recipes", nargs="+", default=["tensorwise", "rowwise"], choices=("tensorwise", "rowwise"))
     p.add_argument("--device-type", default="cuda", help="cuda; cpu rehearses every run small (gpu_check.sh)")
     p.add_argument("--cache-dir", default=".gpu", help="gpu_check.sh prepare's shards and tokenizer")
+    p.add_argument("--docs", choices=("long", "short"), default="long", help="FineWeb-sized documents (~1,000 "
+                   "tokens, long_doc_shards) or tinyshakespeare's paragraphs (~35 tokens, the first GPU run's)")
     p.add_argument("--nanochat-dir", default=os.path.join(".gpu", "nanochat-07c4dd4"))
     p.add_argument("--peer-site", nargs="+", default=[os.path.join(".gpu", "peer_site"), os.path.join(".gpu", "site")],
                    help="directories put on the peer's PYTHONPATH on a GPU machine")
@@ -137,6 +172,8 @@ def main(argv=None) -> int:
         p.error(f"--nanochat-dir {a.nanochat_dir} has no scripts/base_train.py (gpu_check.sh prepare copies it)")
     work = tempfile.mkdtemp(prefix="raychat-gpu-")
     data_dir, tok_dir = prepare_bench_data(a.cache_dir, VOCAB)
+    if a.docs == "long":
+        data_dir = long_doc_shards(a.cache_dir)
     peer_base = os.path.join(work, "nanochat_base")
     write_peer_layout(data_dir, tok_dir, peer_base)
     sides = Sides(a, work, data_dir, tok_dir, peer_base)

@@ -12,8 +12,8 @@ precision; only these three matmuls change.
   backward reads.
 - `rowwise` (raychat's; the reference accepts only tensorwise): one scale per row of each operand along the
   dimension it contracts over, rounded down to a power of two, e4m3 everywhere, accurate accumulation. A
-  matmul contracts over different dimensions forward and backward, so backward re-quantizes x and W from their
-  saved bf16 copies.
+  matmul contracts over different dimensions forward and backward, so backward quantizes x and W again, from
+  the saved bf16 activations and the weight itself.
 
 `to_fp8(model, recipe)` turns the model's eligible Linears into Float8Linear (before torch.compile: the same
 parameters, so state dicts and optimizers do not change), and `fp8_disabled(model)` turns them back for the

@@ -125,8 +125,8 @@ def train(cfg: TrainConfig, session, fit_id: str | None = None, tokenizer_files:
         log(f"Compute dtype: {str(dev.compute_dtype).removeprefix('torch.')} (--compute-dtype {cfg.compute_dtype})")
     if cfg.fp8:  # before compile; the same parameters, so the optimizer and state dict do not change
         converted, linears = to_fp8(model, cfg.fp8_recipe)
-        log(f"FP8: {cfg.fp8_recipe} scaling in {converted} of {linears} Linears (the others are under 128 wide); "
-            "evaluation and samples in bf16")
+        log(f"FP8: {cfg.fp8_recipe} scaling in {converted} of {linears} Linears (the rest are narrower than 128 "
+            "or not multiples of 16); evaluation and samples in bf16")
     attention = attention_path(model.window_sizes, cfg.max_seq_len, dev.type)
     log(f"Attention: {attention}")
     orig_model = model  # uncompiled: sampling, CORE and the saved state dict (no `_orig_mod.` keys)

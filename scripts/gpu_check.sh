@@ -13,9 +13,10 @@
 #   checkpoint  the step loop's pause for a d20 checkpoint (not in the default list)
 #
 #   bash scripts/gpu_check.sh prepare                    # here, in the project's venv: writes .gpu/ (bench
-#                                                        # shards, a 32768-token tokenizer, a copy of the peer
-#                                                        # nanochat 07c4dd4 and its two missing imports; the GPU
-#                                                        # machine reaches no network), which the run carries
+#                                                        # shards of FineWeb-sized documents, a 32768-token
+#                                                        # tokenizer, a copy of the peer nanochat 07c4dd4 and
+#                                                        # its two missing imports; the GPU machine reaches no
+#                                                        # network: 16 MB), which the run carries
 #   bash scripts/gpu_check.sh run [OUT_DIR]              # on the GPU machine, .gpu/ beside the code; OUT_DIR
 #                                                        # defaults to $OUT
 #   bash scripts/gpu_check.sh run --device-type cpu DIR  # every step here, small and on the CPU: a rehearsal
@@ -64,6 +65,7 @@ wanted() {
 case "${1:-}" in
   prepare)
     "$PY" -c "from bench.bench_train import prepare_bench_data; print(prepare_bench_data('$CACHE', $VOCAB))"
+    "$PY" -c "from bench.bench_gpu import long_doc_shards; print(long_doc_shards('$CACHE'))"
     # The peer, copied from where this workspace keeps it (bench.peers), and the two imports of its base_train
     # that the GPU image lacks: rustbpe (its wheel for the image's Python 3.12, unpacked) and wandb (never
     # called with --run=dummy: an empty stand-in).
@@ -105,7 +107,7 @@ PYEOF
     [[ -n "$out" ]] || die "no output directory: pass OUT_DIR or set OUT"
     mkdir -p "$out"
     # Stop before any step when an input is missing: the GPU minutes are for measuring.
-    for f in "$CACHE/data/val.parquet" "$CACHE/tokenizer_$VOCAB/tokenizer.pkl" \
+    for f in "$CACHE/data/val.parquet" "$CACHE/data_long/val.parquet" "$CACHE/tokenizer_$VOCAB/tokenizer.pkl" \
       "$CACHE/nanochat-07c4dd4/scripts/base_train.py" "$CACHE/peer_site/wandb/__init__.py" "$CACHE/site/rustbpe"; do
       [[ -e "$f" ]] || die "$f is missing: run 'bash scripts/gpu_check.sh prepare' here and carry $CACHE"
     done
