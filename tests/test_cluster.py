@@ -294,7 +294,7 @@ def test_shell_scripts_pass_shellcheck(script):
 _EXAMPLES = {"BUCKET_URI": "s3://my-bucket/raychat", "DATA_DIR": "s3://my-bucket/raychat/base_data",
              "STORAGE": "s3://my-bucket/raychat/runs", "RUN_NAME": "example-run", "WANDB_RUN": "dummy",
              "NUM_SHARDS": "370", "RAYCHAT_BASE_DIR": "/tmp/raychat", "STEPS": "200", "RECIPE": "seed",
-             "SOURCE": "fineweb-edu", "RATIO": "12"}
+             "SOURCE": "fineweb-edu", "RATIO": "12", "FP8": ""}
 _SHELL_STOP = {"&&", "||", ";", "|", "&", "(", ")", ">", ">>", "<", "2>", ";;"}
 
 
