@@ -14,7 +14,8 @@ FineWeb-sized documents (`long_doc_shards`, the default `--docs long`).
   (both use 989 TFLOP/s for an H100/H200), peak memory, recompiles after the first step line, raychat's data
   wait, and the attention path each side prints.
 - `fp8`: raychat `--recipe 2026-07` at d12 (T 2048, B 32, total batch 2^17), bf16 against `--fp8` (--fp8-recipes:
-  tensorwise and rowwise): tok/s, MFU, loss at the last step, peak memory.
+  tensorwise and rowwise): tok/s, MFU, loss at the last step, peak memory. With `--fp8-peer`, nanochat
+  92d63d4 (`--nanochat-2026-dir`) at the same flags too, bf16 and `--fp8`.
 - `fit`: raychat at d20 (B 32, T 2048, two micro-batches, compiled as training runs: eager, the model keeps
   ~131 GB at its peak on an H200), its peak memory against an 80 GB H100.
 
@@ -99,8 +100,8 @@ def show(name: str, d: dict) -> None:
 
 
 class Sides:
-    def __init__(self, a, work: str, data_dir: str, tok_dir: str, peer_base: str):
-        self.a, self.work, self.data_dir, self.tok_dir, self.peer_base = a, work, data_dir, tok_dir, peer_base
+    def __init__(self, a, work: str, data_dir: str, tok_dir: str):
+        self.a, self.work, self.data_dir, self.tok_dir = a, work, data_dir, tok_dir
         self.n = 0
 
     def _env(self) -> dict:
@@ -117,15 +118,20 @@ class Sides:
         show(name, d)
         return d
 
-    def nanochat(self, flags: list[str], tokens: int) -> dict:
+    def nanochat(self, flags: list[str], tokens: int, checkout: str, name: str = "nanochat") -> dict:
+        """The peer at `checkout` (07c4dd4 or 92d63d4), on this run's data in the layout it reads."""
+        peer = peers.version_of(checkout)
+        base = os.path.join(self.work, f"nanochat_base_{peer}")
+        if not os.path.isdir(base):
+            write_peer_layout(self.data_dir, self.tok_dir, base, peer)
         env = self._env()
-        env.update(NANOCHAT_BASE_DIR=self.peer_base)
+        env.update(NANOCHAT_BASE_DIR=base)
         env.pop("PYTHONPATH")
         if self.a.device_type == "cuda":  # the GPU image's python; a CPU rehearsal's peer venv has both packages
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(d) for d in self.a.peer_site)
         cmd = [self.a.peer_python, "-m", "scripts.base_train", *flags, f"--device-type={self.a.device_type}",
                "--run=dummy"]
-        return self._run("nanochat", cmd, self.a.nanochat_dir, env, tokens)
+        return self._run(name, cmd, checkout, env, tokens)
 
     def raychat(self, flags: list[str], tokens: int, name: str = "raychat") -> dict:
         cmd = [sys.executable, "-m", "bench.bench_train", "--child-local", "--", *flags, "--device-type",
@@ -153,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--total-batch-size", type=int, default=2**19)
     p.add_argument("--fp8-total-batch-size", type=int, default=2**17)
     p.add_argument("--fp8-recipes", nargs="+", default=["tensorwise", "rowwise"], choices=("tensorwise", "rowwise"))
+    p.add_argument("--fp8-peer", action="store_true", help="the fp8 part also runs nanochat 92d63d4, bf16 and --fp8")
+    p.add_argument("--nanochat-2026-dir", default=os.path.join(".gpu", "nanochat-92d63d4"))
     p.add_argument("--device-type", default="cuda", help="cuda; cpu rehearses every run small (gpu_check.sh)")
     p.add_argument("--cache-dir", default=".gpu", help="gpu_check.sh prepare's shards and tokenizer")
     p.add_argument("--docs", choices=("long", "short"), default="long", help="FineWeb-sized documents (~1,000 "
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
                    "image has the peer's packages; the peer's venv, bench.peers.PEER_PYTHON, for a CPU rehearsal)")
     p.add_argument("--timeout", type=float, default=400, help="seconds per run")
     a = p.parse_args(argv)
-    a.nanochat_dir = os.path.abspath(a.nanochat_dir)
+    a.nanochat_dir, a.nanochat_2026_dir = os.path.abspath(a.nanochat_dir), os.path.abspath(a.nanochat_2026_dir)
     a.peer_python = a.peer_python or (sys.executable if a.device_type == "cuda" else peers.PEER_PYTHON)
     if a.steps < 14:
         p.error(f"--steps {a.steps}: need at least 14 (steps 0-10 are warm-up)")
@@ -174,9 +182,7 @@ def main(argv=None) -> int:
     data_dir, tok_dir = prepare_bench_data(a.cache_dir, VOCAB)
     if a.docs == "long":
         data_dir = long_doc_shards(a.cache_dir)
-    peer_base = os.path.join(work, "nanochat_base")
-    write_peer_layout(data_dir, tok_dir, peer_base)
-    sides = Sides(a, work, data_dir, tok_dir, peer_base)
+    sides = Sides(a, work, data_dir, tok_dir)
     print(f"settings: {vars(a)}\nwork dir {work}", flush=True)
     table = []
 
@@ -185,7 +191,7 @@ def main(argv=None) -> int:
             print(f"\n--- mfu: d{a.depth}, T {a.max_seq_len}, B {a.device_batch_size}, total batch "
                   f"{a.total_batch_size}, {pattern} ---", flush=True)
             flags = shape_flags(a, a.depth, a.total_batch_size, a.steps, pattern)
-            n = sides.nanochat(flags, a.total_batch_size)
+            n = sides.nanochat(flags, a.total_batch_size, a.nanochat_dir)
             r = sides.raychat(flags, a.total_batch_size)
             table.append((f"d{a.depth} {pattern}: raychat / nanochat", r, n))
 
@@ -193,10 +199,19 @@ def main(argv=None) -> int:
         print(f"\n--- fp8: raychat --recipe 2026-07, d{a.depth}, total batch {a.fp8_total_batch_size} ---", flush=True)
         flags = ["--recipe", "2026-07", *shape_flags(a, a.depth, a.fp8_total_batch_size, a.steps, "SSSL")]
         bf16 = sides.raychat(flags, a.fp8_total_batch_size, "raychat-2026-07-bf16")
+        fp8 = {}
         for recipe in a.fp8_recipes:
-            fp8 = sides.raychat([*flags, "--fp8", "--fp8-recipe", recipe], a.fp8_total_batch_size,
-                                f"raychat-2026-07-fp8-{recipe}")
-            table.append((f"d{a.depth} 2026-07: fp8 {recipe} / bf16", fp8, bf16))
+            fp8[recipe] = sides.raychat([*flags, "--fp8", "--fp8-recipe", recipe], a.fp8_total_batch_size,
+                                        f"raychat-2026-07-fp8-{recipe}")
+            table.append((f"d{a.depth} 2026-07: fp8 {recipe} / bf16", fp8[recipe], bf16))
+        if a.fp8_peer:  # nanochat 92d63d4 with the same flags (its defaults are the recipe's): bf16, then FP8
+            checkout, peer_flags = a.nanochat_2026_dir, flags[2:]
+            n_bf16 = sides.nanochat(peer_flags, a.fp8_total_batch_size, checkout, "nanochat-92d63d4-bf16")
+            n_fp8 = sides.nanochat([*peer_flags, "--fp8"], a.fp8_total_batch_size, checkout, "nanochat-92d63d4-fp8")
+            table += [(f"d{a.depth} 92d63d4: fp8 / bf16", n_fp8, n_bf16),
+                      (f"d{a.depth} bf16: raychat / 92d63d4", bf16, n_bf16)]
+            if "tensorwise" in fp8:  # the peer's only recipe
+                table.append((f"d{a.depth} fp8: raychat / 92d63d4", fp8["tensorwise"], n_fp8))
 
     if "fit" in a.parts:
         total = 2 * a.device_batch_size * a.max_seq_len

@@ -8,15 +8,17 @@
 #   tests       the CUDA tests: compile of model and optimizer, NCCL bound to its GPU, checkpoint staging and
 #               dtypes, FlexAttention/FA3 against references, the NaN check, FP8 matmuls and an FP8 run, and a
 #               run end to end (eval, samples, saves, a resume from step 4, eager steps)
-#   fp8         --recipe 2026-07 at d12: bf16 against --fp8 tensorwise and rowwise
+#   fp8         --recipe 2026-07 at d12: bf16 against --fp8 tensorwise (GPU_CHECK_FP8_PEER=1: nanochat 92d63d4's
+#               bf16 and --fp8 beside them)
 #   fit         d20 at B 32, T 2048: peak memory against an 80 GB H100
 #   checkpoint  the step loop's pause for a d20 checkpoint (not in the default list)
 #
 #   bash scripts/gpu_check.sh prepare                    # here, in the project's venv: writes .gpu/ (bench
 #                                                        # shards of FineWeb-sized documents, a 32768-token
-#                                                        # tokenizer, a copy of the peer nanochat 07c4dd4 and
-#                                                        # its two missing imports; the GPU machine reaches no
-#                                                        # network: 16 MB), which the run carries
+#                                                        # tokenizer, copies of the peers nanochat 07c4dd4 and
+#                                                        # 92d63d4 and their two missing imports; the GPU
+#                                                        # machine reaches no network: 17 MB), which the run
+#                                                        # carries
 #   bash scripts/gpu_check.sh run [OUT_DIR]              # on the GPU machine, .gpu/ beside the code; OUT_DIR
 #                                                        # defaults to $OUT
 #   bash scripts/gpu_check.sh run --device-type cpu DIR  # every step here, small and on the CPU: a rehearsal
@@ -73,12 +75,13 @@ case "${1:-}" in
 import os, shutil, subprocess, sys, tempfile, zipfile
 from bench import peers
 cache = sys.argv[1]
-src = peers.default_dir("07c4dd4")
-if (why := peers.problem(src, os.path.join("scripts", "base_train.py"), commit="07c4dd4")):
-    sys.exit(f"gpu_check: {why}")
-dst = os.path.join(cache, "nanochat-07c4dd4")
-shutil.rmtree(dst, ignore_errors=True)
-shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+for commit in ("07c4dd4", "92d63d4"):  # the seed's reference, and the 2026-07 recipe's (the FP8 part)
+    src = peers.default_dir(commit)
+    if (why := peers.problem(src, os.path.join("scripts", "base_train.py"), commit=commit)):
+        sys.exit(f"gpu_check: {why}")
+    dst = os.path.join(cache, f"nanochat-{commit}")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", "__pycache__"))
 stub, site = os.path.join(cache, "peer_site"), os.path.join(cache, "site")
 for d in (stub, site):
     shutil.rmtree(d, ignore_errors=True)
@@ -91,7 +94,7 @@ with tempfile.TemporaryDirectory() as tmp:
                     "--platform", "manylinux2014_x86_64", "-d", tmp, "rustbpe==0.1.0"], check=True)
     for wheel in os.listdir(tmp):
         zipfile.ZipFile(os.path.join(tmp, wheel)).extractall(site)
-print(f"peer: {dst}; wandb's stand-in: {stub}; rustbpe for Python 3.12: {site}")
+print(f"peers: {cache}/nanochat-07c4dd4, -92d63d4; wandb's stand-in: {stub}; rustbpe for Python 3.12: {site}")
 PYEOF
     du -sh "$CACHE"
     ;;
@@ -171,9 +174,15 @@ PYEOF"
 or (test_model and cuda)"
     fi
     if wanted fp8 && [[ "$device" == cuda ]]; then
-      # rowwise is checked by the tests; the timing is tensorwise's, the reference's recipe
-      step fp8 "${limits[3]}" "$PY" -m bench.bench_gpu --parts fp8 --fp8-recipes tensorwise "${gpu[@]}" \
-        --cache-dir "$CACHE"
+      # rowwise is checked by the tests; the timing is tensorwise's, the reference's recipe. GPU_CHECK_FP8_PEER=1
+      # adds nanochat 92d63d4's bf16 and FP8 runs (about twice the time: give it a call of its own).
+      peer=()
+      if [[ -n "${GPU_CHECK_FP8_PEER:-}" ]]; then
+        peer=(--fp8-peer)
+        limits[3]=500
+      fi
+      step fp8 "${limits[3]}" "$PY" -m bench.bench_gpu --parts fp8 --fp8-recipes tensorwise "${peer[@]}" \
+        "${gpu[@]}" --cache-dir "$CACHE"
     fi
     if wanted fit; then
       step fit "${limits[4]}" "$PY" -m bench.bench_gpu --parts fit "${gpu[@]}" --cache-dir "$CACHE"
