@@ -354,7 +354,7 @@ def test_cuda_run_evaluates_samples_saves_and_resumes_within_tolerance(cuda_only
     shutil.copytree(f"{storage}/e2e/{step4}", f"{storage}/e2e-resumed/{step4}")
     resumed, _ = train_local(tiny_config(tiny_data_dir, tiny_tokenizer_dir, storage, "e2e-resumed", *flags))
     assert "Resuming from step 4" in capsys.readouterr().out
-    assert abs(resumed["val_bpb"] - full["val_bpb"]) < 2e-3 * full["val_bpb"], (resumed["val_bpb"], full["val_bpb"])
+    assert abs(resumed["val_bpb"] - full["val_bpb"]) < 5e-3 * full["val_bpb"], (resumed["val_bpb"], full["val_bpb"])
     (a, meta_a), (b, meta_b) = load_step(f"{storage}/e2e", STEPS), load_step(f"{storage}/e2e-resumed", STEPS)
     for k in a:
         diff = float((a[k].float() - b[k].float()).norm()) / max(float(a[k].float().norm()), 1e-12)
