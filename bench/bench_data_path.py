@@ -69,14 +69,21 @@ def make_corpus(out: str, files: int, groups_per_file: int, docs_per_group: int,
     rng = random.Random(0)
     paths = []
     for f in range(files):
-        docs = []
-        for _ in range(groups_per_file * docs_per_group):
-            n = int(rng.uniform(0.5, 1.5) * doc_tokens * chars_per_token)
-            start = rng.randrange(len(text) - n)
-            docs.append(text[start:start + n])
         paths.append(os.path.join(out, f"shard_{f:05d}.parquet"))
-        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), paths[-1], row_group_size=docs_per_group)
+        write_slices(paths[-1], text, groups_per_file * docs_per_group, doc_tokens * chars_per_token, docs_per_group,
+                     rng)
     return paths, tok_dir
+
+
+def write_slices(path: str, text: str, docs: int, chars: float, rows_per_group: int, rng: random.Random) -> None:
+    """A parquet shard of `docs` random slices of `text`, each 0.5-1.5 x `chars` characters long (FineWeb-sized
+    documents when `chars` is ~1,000 tokens' worth), `rows_per_group` to a row group."""
+    rows = []
+    for _ in range(docs):
+        n = int(rng.uniform(0.5, 1.5) * chars)
+        start = rng.randrange(len(text) - n)
+        rows.append(text[start:start + n])
+    pq.write_table(pa.table({"text": pa.array(rows, pa.string())}), path, row_group_size=rows_per_group)
 
 
 def measure(streams: SlotStreams, steps: int, pace_s: float) -> list[tuple[float, float]]:

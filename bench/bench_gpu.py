@@ -35,7 +35,6 @@ from bench import peers
 from bench.bench_train import REPO, bench_env, prepare_bench_data
 from bench.bench_vs_nanochat import run, write_peer_layout
 
-SHAKESPEARE_GZ = os.path.join(REPO, "tests", "data", "tinyshakespeare.txt.gz")
 MFU = re.compile(r"\| mfu: ([\d.]+)")
 WAIT = re.compile(r"data wait: ([\d.]+)ms")
 PEAK = re.compile(r"Peak memory usage(?: \(host RSS\))?: ([\d.]+)\s*MiB")
@@ -55,8 +54,7 @@ def long_doc_shards(root: str, files: int = 4, groups: int = 2, docs: int = 500,
     import gzip
     import random
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from bench.bench_data_path import SHAKESPEARE_GZ, write_slices
 
     out = os.path.join(root, "data_long")
     names = [f"shard_{i:05d}.parquet" for i in range(files)] + ["val.parquet"]
@@ -66,12 +64,8 @@ def long_doc_shards(root: str, files: int = 4, groups: int = 2, docs: int = 500,
     text = gzip.open(SHAKESPEARE_GZ, "rt", encoding="utf-8").read()
     rng = random.Random(seed)
     for name in names:
-        rows = []
-        for _ in range(groups * docs if name != "val.parquet" else docs // 2):
-            n = int(rng.uniform(0.5, 1.5) * chars)
-            start = rng.randrange(len(text) - n)
-            rows.append(text[start:start + n])
-        pq.write_table(pa.table({"text": pa.array(rows, pa.string())}), os.path.join(out, name), row_group_size=docs)
+        write_slices(os.path.join(out, name), text, groups * docs if name != "val.parquet" else docs // 2, chars,
+                     docs, rng)
     return out
 
 

@@ -294,20 +294,15 @@ def test_nan_stop_on_cuda_reads_the_flag_after_the_update(cuda_only, tiny_data_d
 def test_fp8_matmuls_on_cuda_are_fp8_close_to_exact(cuda_only):
     """cuBLAS's FP8 GEMMs (tensorwise) and the rowwise kernel, forward and both gradients, on the fixture's
     inputs: as close to the exact matmul as on the CPU (tests/test_fp8.py), so FP8 really ran."""
-    from test_fp8 import FIXTURE, rel
+    from test_fp8 import FIXTURE, rel, run
 
     from raychat.fp8 import RowwiseMatmul, TensorwiseMatmul
 
     for case in torch.load(FIXTURE, weights_only=True)["cases"]:
         case = {k: v.cuda() for k, v in case.items()}
-        outs = {}
-        for name, fn in (("exact", lambda x, w: x.float() @ w.t()), ("tensorwise", TensorwiseMatmul.apply),
-                         ("rowwise", RowwiseMatmul.apply)):
-            x = case["x"].clone().requires_grad_(True)
-            w = torch.nn.Parameter(case["w"].float())
-            y = fn(x, w)
-            y.backward(case["dy"])
-            outs[name] = (y, x.grad, w.grad)
+        outs = {name: run(fn, case) for name, fn in (("exact", lambda x, w: x.float() @ w.t()),
+                                                    ("tensorwise", TensorwiseMatmul.apply),
+                                                    ("rowwise", RowwiseMatmul.apply))}
         for name in ("tensorwise", "rowwise"):
             errs = [rel(got, want) for got, want in zip(outs[name], outs["exact"])]
             assert all(1e-2 < e < 8e-2 for e in errs), (name, errs)
