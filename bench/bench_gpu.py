@@ -33,7 +33,7 @@ import tempfile
 
 from bench import peers
 from bench.bench_train import REPO, bench_env, prepare_bench_data
-from bench.bench_vs_nanochat import run, write_peer_layout
+from bench.bench_vs_nanochat import STEP, run, write_peer_layout
 
 MFU = re.compile(r"\| mfu: ([\d.]+)")
 WAIT = re.compile(r"data wait: ([\d.]+)ms")
@@ -72,8 +72,9 @@ def long_doc_shards(root: str, files: int = 4, groups: int = 2, docs: int = 500,
 def describe(lines: list[str], r: dict, tokens: int) -> dict:
     """The figures of one run from its output lines and bench_vs_nanochat.run's result."""
     first = next((i for i, line in enumerate(lines) if STEP0.search(line)), len(lines))
-    steps = [line for line in lines if "| dt:" in line]
-    timed = steps[11:-1] or steps
+    # The step lines that run() timed (steps 11..N-1, by their step number), so that dt, MFU and wait agree.
+    steps = {int(m.group(1)): line for line in lines if (m := STEP.search(line))}
+    timed = [line for s, line in sorted(steps.items()) if 10 < s < max(steps, default=0)] or list(steps.values())
     mfus = [float(m.group(1)) for line in timed if (m := MFU.search(line))]
     waits = [float(m.group(1)) for line in timed if (m := WAIT.search(line))]
     peaks = [float(m.group(1)) for line in lines if (m := PEAK.search(line))]

@@ -201,7 +201,9 @@ class TrainConfig:
         need(self.compute_dtype == "auto" or self.recipe != "seed", "compute_dtype",
              "the seed recipe computes as nanochat 07c4dd4 did (bf16 autocast on CUDA, fp32 elsewhere); the "
              "compute dtype is a --recipe 2026-07 setting")
-        need(self.fp8_recipe in ("tensorwise", "rowwise"), "fp8_recipe", "must be tensorwise or rowwise")
+        from raychat.fp8 import RECIPES as FP8_RECIPES
+
+        need(self.fp8_recipe in FP8_RECIPES, "fp8_recipe", f"must be one of {', '.join(FP8_RECIPES)}")
         if self.fp8:
             need(self.recipe != "seed", "fp8", "FP8 training is a --recipe 2026-07 option (nanochat 07c4dd4 had none)")
             need(self.device_type in ("", "cuda"), "fp8", f"FP8 matmuls need a CUDA GPU, not --device-type "

@@ -168,7 +168,8 @@ PYEOF"
       if [[ "$device" == cuda ]]; then  # the tokenizer fixtures train with rustbpe, which the GPU image lacks
         export PYTHONPATH="$PYTHONPATH:$PWD/$CACHE/site"
       fi
-      step tests "${limits[2]}" "$PY" -m pytest -q -rs --durations=12 -p no:cacheprovider tests/test_cuda.py \
+      # -o addopts=: the GPU image has no pytest-xdist, and one process suits one GPU.
+      step tests "${limits[2]}" "$PY" -m pytest -o addopts= -q -rs --durations=12 -p no:cacheprovider tests/test_cuda.py \
         tests/test_attention.py tests/test_model.py \
         -k "(test_cuda and not cpu) or (test_attention and (cuda or fa3 or flex or override or attention_path)) \
 or (test_model and cuda)"

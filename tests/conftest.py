@@ -33,6 +33,22 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PYTEST_OWN = {".pytest_cache", "__pycache__"}
 
 
+# The suite runs on two pytest-xdist workers, a file per worker at a time (`-n 2 --dist loadfile`, pyproject):
+# about half of a Ray test's time is waiting (starts, health checks, restarts), which the other worker fills.
+# Files go out in collection order, so the longest (a minute or more each on 2 cores) go first: neither worker
+# is then left alone with one of them at the end.
+_LONGEST_FIRST = ["test_elastic.py", "test_reliability.py", "test_s3.py", "test_tune.py", "test_integrity.py",
+                  "test_multinode.py", "test_secrets.py", "test_s3_cluster.py", "test_export_eval.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_written_into_the_checkout():
     """Tests write only under tmp: the checkout's top level gains no entry during the session (a test that

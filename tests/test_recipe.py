@@ -42,7 +42,7 @@ def test_a_recipe_fills_the_flags_left_unset_and_explicit_flags_win():
     (["--fp8"], "FP8 training is a --recipe 2026-07 option"),
     (["--recipe", "2026-07", "--fp8", "--device-type", "cpu"], "FP8 matmuls need a CUDA GPU, not --device-type cpu"),
     (["--recipe", "2026-07", "--fp8", "--compute-dtype", "fp32"], "computes everything else in bf16"),
-    (["--recipe", "2026-07", "--fp8", "--fp8-recipe", "blockwise"], "must be tensorwise or rowwise"),
+    (["--recipe", "2026-07", "--fp8", "--fp8-recipe", "blockwise"], "must be one of tensorwise, rowwise"),
     (["--recipe", "2026-07", "--target-param-data-ratio", "-1", "--num-iterations", "5"], "-1 (auto) derives"),
     (["--total-batch-size", "0"], "or -1 for auto"),
 ])
