@@ -7,7 +7,7 @@ Clients talk to it through `Proxy`, a TCP relay a test can take down and bring b
 memory, so stopping the server itself would lose them): `fail_on(pattern)` takes the endpoint down the moment
 a request containing `pattern` (an object key) arrives, as if the store went away in the middle of an upload.
 
-`s3_run` is the first run of tests/test_s3.py's end-to-end test, shared with tests/test_secrets.py (which
+`s3_run` is the first run of tests/test_s3.py's end-to-end test, shared with the same file's secrets check (which
 greps its output, objects and Ray logs for the secret key): a Ray start is the dearest thing in these tests.
 
 Import the fixtures into a test module: `from tests._s3 import s3, s3_env  # noqa: F401`.
@@ -258,7 +258,7 @@ def s3_run(s3, shakespeare_path, tiny_tokenizer_dir):
 
 
 # Dummy credentials of the other services a run may see in its environment (none is real): the shared run
-# carries them, and test_secrets checks that none of them, nor the S3 key, reaches an artefact or a log.
+# carries them, and test_s3's secrets check shows that none of them, nor the S3 key, reaches an artefact or a log.
 DUMMY_SECRETS = {
     "WANDB_API_KEY": "dummywandbkey-raychat-0123456789abcdef0123456789abcdef",
     "GOOGLE_API_KEY": "dummy-gcp-api-key-raychat-AIzaSyDUMMY",

@@ -33,26 +33,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PYTEST_OWN = {".pytest_cache", "__pycache__"}
 
 
-# The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject), each with its own local Ray:
+# The suite runs on two pytest-xdist workers (`-n 2 --dist loadfile`, pyproject), each with its own local Ray:
 # about half of a Ray test's time is waiting (starts, health checks, restarts), which the other worker fills.
-# A file's tests stay on one worker, so its module fixtures are built once; files that share an expensive
-# session fixture go together (the S3 run of tests/_s3.py is test_s3's and test_secrets'). Groups go out in
-# collection order, so the longest (a minute or more each on 2 cores) go first: neither worker is then left
-# alone with one of them at the end.
-_SHARED_GROUPS = {"test_secrets.py": "test_s3.py"}
+# A file's tests stay on one worker, so its module fixtures are built once (a session fixture, once per worker:
+# tests sharing an expensive one live in one file). Files go out in collection order, so the longest (a minute
+# or more each on 2 cores) go first: neither worker is then left alone with one of them at the end.
 _LONGEST_FIRST = ["test_elastic.py", "test_reliability.py", "test_s3.py", "test_tune.py", "test_integrity.py",
                   "test_multinode.py", "test_s3_cluster.py", "test_export_eval.py"]
 
 
 def pytest_collection_modifyitems(items):
-    def group(item):
-        return _SHARED_GROUPS.get(item.path.name, item.path.name)
-
     def rank(item):
-        return _LONGEST_FIRST.index(group(item)) if group(item) in _LONGEST_FIRST else len(_LONGEST_FIRST)
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
     items.sort(key=rank)  # stable: each file keeps its own order
 
 

@@ -5,6 +5,7 @@ credentials in the standard AWS environment variables.
 The end-to-end test shares two Ray Train runs between many checks (each run costs a Ray start); the storage
 faults run the loop without Ray (raychat.session.LocalSession), which persists through the same code.
 """
+import json
 import os
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 from conftest import STEPS, assert_same_run, load_step, tiny_args, tiny_config, train_local
 from raychat import checkpoint as ckpt_files
 from raychat import runs
-from tests._s3 import BUCKET, driver, s3, s3_env, s3_run  # noqa: F401
+from raychat.loop import SAMPLE_PROMPTS
+from tests._s3 import BUCKET, DUMMY_SECRETS, GCP_KEY_CONTENT, driver, s3, s3_env, s3_run  # noqa: F401
 
 
 def _download_run(s3, prefix, dest):
@@ -78,6 +80,36 @@ def test_a_run_on_s3_end_to_end(baseline, s3_run, s3_env, tmp_path):
     ref, ref_meta = load_step(baseline, STEPS)
     assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
     assert meta["history"]["val_bpb"][:2] == ref_meta["history"]["val_bpb"][:2]
+
+
+@pytest.mark.slow
+def test_no_secret_in_any_artefact_of_a_run(s3, s3_run):
+    """The run of tests/_s3.py `s3_run` (2 workers, one SIGKILLed and restarted, shards, tokenizer and
+    checkpoints on the S3 server, the W&B code path in disabled mode, samples generated) had the server's real
+    secret key and dummy credentials of other services (W&B, Google, Hugging Face, Ray, a service-account key
+    file) in the environment of its driver and, inherited, of every worker: none appears in a console line, in
+    an object the run wrote to the bucket (checkpoints, meta.json, report, Ray Train's checkpoint list, markers)
+    or in a Ray session log (driver, raylet, GCS, every worker)."""
+    assert s3_run.code == 0, s3_run.out[-4000:]
+    keys = s3.keys("e2e/runs/e2e/")
+    assert {"model.pt", "meta.json", "report.md", "checkpoint_manager_snapshot.json"} <= \
+        {k.rsplit("/", 1)[-1] for k in keys}, keys
+    assert s3_run.ray_logs and any("worker" in os.path.basename(p) for p in s3_run.ray_logs), "no worker logs"
+    needles = [s3.secret_key, GCP_KEY_CONTENT, *DUMMY_SECRETS.values()]
+    leaks = [("console", n) for n in needles if n in s3_run.out]
+    for key in keys:
+        data = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        leaks += [(key, n) for n in needles if n.encode() in data]
+    for path in s3_run.ray_logs:
+        with open(path, "rb") as f:
+            data = f.read()
+        leaks += [(path, n) for n in needles if n.encode() in data]
+    assert not leaks, f"secrets leaked: {leaks}"
+    # The run did record its configuration (so the check above had something to look at). Step 12 is this run's
+    # in any test order: the end-to-end test's resume from step 12 rewrites only step 16.
+    meta = json.loads(s3.client().get_object(Bucket=BUCKET, Key="e2e/runs/e2e/step_000012/meta.json")["Body"].read())
+    assert meta["user_config"]["run"] == "e2e-secrets"
+    assert SAMPLE_PROMPTS[0] in s3_run.out, "the run generated no samples"
 
 
 # ----------------------------------------------------------------------------------------------------
