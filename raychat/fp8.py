@@ -27,7 +27,6 @@ from raychat.model import Linear
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 EPS = 1e-12  # an all-zero tensor gets a finite scale
-RECIPES = ("tensorwise", "rowwise")
 
 
 def quantize(t: torch.Tensor, dtype: torch.dtype, dim: int | None = None, pow2: bool = False):
@@ -94,6 +93,7 @@ class RowwiseMatmul(torch.autograd.Function):
 
 
 MATMUL = {"tensorwise": TensorwiseMatmul, "rowwise": RowwiseMatmul}
+RECIPES = tuple(MATMUL)  # --fp8-recipe's choices
 
 
 class Float8Linear(Linear):

@@ -133,10 +133,10 @@ PYEOF
     status=0
     if wanted env; then
       step env "${limits[0]}" bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm \
---format=csv || true; $PY - $device <<'PYEOF'
+--format=csv || true; $PY - $device $CACHE <<'PYEOF'
 import os, subprocess, sys
 import torch
-device = sys.argv[1]
+device, cache = sys.argv[1:3]
 cuda = device == 'cuda'
 print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| NCCL',
       '.'.join(map(str, torch.cuda.nccl.version())) if cuda else '-', '| python', sys.version.split()[0])
@@ -152,8 +152,8 @@ print('device:', name, '| capability', torch.cuda.get_device_capability() if cud
 sizes = window_sizes(GPTConfig(sequence_len=2048, n_layer=12, window_pattern='SSSL'))
 print('raychat attention at d12 SSSL, T 2048:', attention_path(sizes, 2048, device))
 peer = subprocess.run([sys.executable, '-c', 'from nanochat.flash_attention import HAS_FA3; print(HAS_FA3)'],
-                      cwd='.gpu/nanochat-07c4dd4', env=dict(os.environ, PYTHONPATH='.'), capture_output=True,
-                      text=True)
+                      cwd=os.path.join(cache, 'nanochat-07c4dd4'), env=dict(os.environ, PYTHONPATH='.'),
+                      capture_output=True, text=True)
 fa3 = peer.stdout.strip()
 print('nanochat 07c4dd4 attention:', 'FA3' if fa3 == 'True' else
       'SDPA (sliding windows as full-context SDPA with a T x T mask)' if fa3 == 'False' else peer.stderr[-500:])
