@@ -1,9 +1,9 @@
 """Sliding-window attention without FA3 on this CPU: forward + backward of one attention layer.
 
-    python -m bench.bench_attention [--threads 2] [--seq-len 2048] [--windows 2,4] [--repeats 7]
+    python -m bench.bench_attention [--threads 2] [--seq-len 2048] [--heads 4] [--windows 2,4] [--repeats 7]
                                     [--blocks 128,192,256,384] [--cpu-time] [--dry-run]
 
-B 2 x 4 heads x T x head dim 64, fp32, timed for:
+B 2 x 4 heads (`--heads`: a d-depth model with head dim 64 has d heads) x T x head dim 64, fp32, timed for:
 - `masked`: the reference's fallback for a sliding window: SDPA over the whole T x T square with a mask;
 - `causal`: SDPA's causal kernel, what a full-context (L) layer runs;
 - `banded`: raychat's sliding window on CPU, SDPA over the band each block of queries can see
@@ -44,6 +44,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--seq-len", type=int, default=2048, help="T (default 2048)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4; d6's layer has 6)")
     parser.add_argument("--windows", default="2,4", help="windows T // n for these n (default 2,4: T/2 and T/4)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each variant (default 7)")
     parser.add_argument("--blocks", default="", help="banded query-block sizes to compare (default: BAND_BLOCK)")
@@ -55,10 +56,10 @@ def main(argv=None):
         blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else [attention.BAND_BLOCK]
     except ValueError:
         parser.error(f"--windows={args.windows!r} and --blocks={args.blocks!r} must be comma-separated integers")
-    if args.threads < 1 or args.seq_len < 8 or args.repeats < 1 or min(divisors + blocks) < 1:
-        parser.error("--threads, --repeats, --windows and --blocks must be >= 1 and --seq-len >= 8")
+    if min(args.threads, args.heads, args.repeats, *divisors, *blocks) < 1 or args.seq_len < 8:
+        parser.error("--threads, --heads, --repeats, --windows and --blocks must be >= 1 and --seq-len >= 8")
     torch.set_num_threads(args.threads)
-    B, H, T, D = 2, 4, args.seq_len, 64
+    B, H, T, D = 2, args.heads, args.seq_len, 64
     print(f"CPU: {cpu_description()}")
     print(f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), threads={torch.get_num_threads()}, "
           f"B{B} x H{H} x T{T} x D{D} fp32, forward + backward, {args.repeats} interleaved repeats of "
